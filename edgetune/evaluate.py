@@ -1,0 +1,96 @@
+"""Evaluate a saved HF model: task accuracy, WikiText-2 perplexity, size, latency, peak memory.
+
+Each model is evaluated in a fresh spawned process, so its peak resident memory (ru_maxrss) is
+its own and not inflated by models evaluated before it in the same stage.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+from edgetune.config import EvaluateParams
+
+
+def perplexity(model, tok, text: str, windows: int, seq_len: int) -> float:
+    """exp(mean next-token NLL) over the first `windows` non-overlapping windows of `text`."""
+    import torch
+
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = min(windows, len(ids) // seq_len)
+    if n == 0:
+        raise ValueError(f"perplexity text has {len(ids)} tokens, fewer than one window of {seq_len}")
+    chunks = ids[: n * seq_len].view(n, seq_len)
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for chunk in chunks:
+            out = model(input_ids=chunk[None], labels=chunk[None], use_cache=False)
+            nll += out.loss.item() * (seq_len - 1)
+            count += seq_len - 1
+    return math.exp(nll / count)
+
+
+def latency_ms_per_token(model, tok, prompt: str, new_tokens: int, repeats: int = 3) -> float:
+    """Wall time of greedy generation at batch 1, per generated token: the median of `repeats`
+    timed runs after one warm-up (a shared CPU makes single timings noisy)."""
+    import statistics
+
+    import torch
+
+    inputs = tok(prompt, return_tensors="pt")
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=tok.pad_token_id)
+    timings = []
+    with torch.no_grad():
+        model.generate(**inputs, **{**gen, "max_new_tokens": 2, "min_new_tokens": 2})
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.generate(**inputs, **gen)
+            timings.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(timings) / new_tokens
+
+
+def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
+                   max_length: int = 128) -> dict[str, float]:
+    """All metrics of one model folder. Meant to run in its own process (see evaluate_isolated)."""
+    import pandas as pd
+    import torch
+
+    from edgetune.models import count_parameters, dir_size_bytes, load_hf
+    from edgetune.scoring import accuracy, label_token_ids
+    from edgetune.tasks import get_task
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    task = get_task(task_name)
+    model, tok = load_hf(model_dir)
+    frame = pd.read_parquet(Path(data_dir) / "eval.parquet")
+    if cfg.max_examples:
+        frame = frame.head(cfg.max_examples)
+    label_ids = label_token_ids(tok, task.label_words)
+    name = Path(model_dir).name
+    acc = accuracy(model, tok, frame["prompt"].tolist(), frame["label"].tolist(), label_ids,
+                   batch_size=cfg.batch_size, max_length=max_length, progress=f"{name} accuracy")
+    text = (Path(data_dir) / "wikitext2_test.txt").read_text()
+    ppl = perplexity(model, tok, text, cfg.ppl_windows, cfg.ppl_seq_len)
+    ms = latency_ms_per_token(model, tok, frame["prompt"].iloc[0], cfg.latency_new_tokens)
+    return {
+        "accuracy": acc,
+        "perplexity": ppl,
+        "size_mb": dir_size_bytes(model_dir) / 1e6,
+        "params": count_parameters(model),
+        "latency_ms_per_token": ms,
+        "tokens_per_s": 1000 / ms,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "eval_examples": len(frame),
+    }
+
+
+def evaluate_isolated(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams) -> dict:
+    """evaluate_model in a fresh spawned process, so peak memory is this model's alone."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(evaluate_model, model_dir, data_dir, task_name, cfg).result()

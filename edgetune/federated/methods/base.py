@@ -1,0 +1,64 @@
+"""The one interface every federated method implements.
+
+A method answers three questions and nothing else (the engine owns rounds, sampling, bytes):
+  1. what a client sends after local work      -> client_update
+  2. how the server folds replies into a state -> aggregate (+ downlink: what it broadcasts)
+  3. how a global state becomes model weights  -> init_state / export
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+
+from edgetune.config import BadInput, FinetuneParams
+from edgetune.federated.engine import ClientData
+from edgetune.federated.protocol import Message
+
+METHODS: dict[str, type["FederatedMethod"]] = {}  # filled by register_method
+
+
+class FederatedMethod(ABC):
+    name: str = "?"
+
+    def __init__(self, cfg: FinetuneParams, tok, label_ids: torch.Tensor):
+        self.cfg = cfg
+        self.tok = tok
+        self.label_ids = label_ids
+
+    @abstractmethod
+    def prepare_model(self, model):
+        """Return the model clients train (e.g. wrapped with LoRA adapters)."""
+
+    @abstractmethod
+    def init_state(self, model) -> dict[str, torch.Tensor]:
+        """The server's initial global state."""
+
+    @abstractmethod
+    def downlink(self, state: dict[str, torch.Tensor]) -> Message:
+        """What the server broadcasts to each sampled client."""
+
+    @abstractmethod
+    def client_update(self, model, down: Message, data: ClientData,
+                      rng: torch.Generator) -> Message:
+        """Local work on one client; the reply must carry meta num_samples and loss."""
+
+    @abstractmethod
+    def aggregate(self, state: dict[str, torch.Tensor], replies: list[Message]) -> dict[str, torch.Tensor]:
+        """Fold the clients' replies into the next global state."""
+
+    @abstractmethod
+    def export(self, model, state: dict[str, torch.Tensor], out_dir) -> None:
+        """Write the final model as HF folders (out_dir/merged must load with from_pretrained)."""
+
+
+def register_method(name: str, cls: type[FederatedMethod]) -> None:
+    cls.name = name
+    METHODS[name] = cls
+
+
+def get_method(name: str) -> type[FederatedMethod]:
+    if name not in METHODS:
+        raise BadInput(f"finetune.method: unknown method {name!r}; expected one of {sorted(METHODS)}")
+    return METHODS[name]

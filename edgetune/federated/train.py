@@ -1,0 +1,81 @@
+"""Glue for the finetune stage: load clients and base model, pick the method, run the engine,
+export the model, and summarize."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edgetune.config import BadInput, FinetuneParams
+from edgetune.federated.engine import ClientData, RoundLog, run_federation
+
+
+def load_clients(folder: Path) -> list[ClientData]:
+    import pandas as pd
+
+    files = sorted(Path(folder).glob("client_*.parquet"))
+    if not files:
+        raise BadInput(f"{folder}: no client_*.parquet files (run the partition stage first)")
+    clients = []
+    for i, f in enumerate(files):
+        frame = pd.read_parquet(f)
+        if frame.empty:
+            raise BadInput(f"{f}: client {i} has no rows")
+        clients.append(ClientData(i, frame["prompt"].tolist(), frame["label"].astype(int).tolist()))
+    return clients
+
+
+def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetuneParams, out_dir: Path,
+             on_round: Callable[[RoundLog], None] | None = None) -> tuple[dict, list[RoundLog]]:
+    import torch
+
+    from edgetune.federated.methods import get_method
+    from edgetune.models import load_hf
+    from edgetune.scoring import label_token_ids
+    from edgetune.tasks import get_task
+
+    method_cls = get_method(cfg.method)
+    clients = load_clients(partitions)
+    task = get_task(task_name)
+    torch.manual_seed(cfg.seed)  # adapter init
+    model, tok = load_hf(base_dir, dtype=torch.float32)
+    method = method_cls(cfg, tok, label_token_ids(tok, task.label_words))
+    model = method.prepare_model(model)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    state, history = run_federation(
+        method, model, clients, num_rounds=cfg.num_rounds, sample_rate=cfg.sample_rate,
+        seed=cfg.seed, checkpoint_dir=out_dir / "checkpoint", on_round=on_round,
+    )
+    method.export(model, state, out_dir)
+    summary = {
+        "final_train_loss": history[-1].train_loss,
+        "first_train_loss": history[0].train_loss,
+        "bytes_up_per_client_round": history[-1].bytes_up_per_client,
+        "bytes_down_per_client_round": history[-1].bytes_down_per_client,
+        "bytes_total": sum((h.bytes_up_per_client + h.bytes_down_per_client) * len(h.clients)
+                           for h in history),
+        "trainable_params": trainable,
+        "seconds": sum(h.seconds for h in history),
+        "num_clients": len(clients),
+    }
+    return summary, history
+
+
+def plot_history(history: list[RoundLog], png: Path, csv: Path) -> None:
+    """rounds.csv (for `dvc plots`) and a loss-per-round PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    frame = pd.DataFrame([{"round": h.round, **h.metrics()} for h in history])
+    frame.to_csv(csv, index=False)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot(frame["round"], frame["train_loss"], marker="o")
+    ax.set_xlabel("round")
+    ax.set_ylabel("train loss (client mean)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

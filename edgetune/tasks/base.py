@@ -1,0 +1,70 @@
+"""What a task is: where its data comes from, how an example becomes a prompt, how it is scored."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from edgetune.config import BadInput
+
+if TYPE_CHECKING:
+    import datasets
+
+MIRROR_ENV = "EDGETUNE_DATA_MIRROR"
+
+# Filled by register_task; looked up by data.task.
+TASKS: dict[str, "Task"] = {}
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task: `load(split, mirror)` gives a datasets.Dataset with columns `prompt` and `label`."""
+
+    name: str
+    hub_id: str
+    splits: tuple[str, str]  # (train split, eval split)
+    loader: Callable[[str, Path | None], "datasets.Dataset"]
+
+    def load(self, split: str, mirror: Path | None) -> "datasets.Dataset":
+        if split not in self.splits:
+            raise BadInput(f"task {self.name}: unknown split {split!r}; expected one of {self.splits}")
+        return self.loader(split, mirror)
+
+
+@dataclass(frozen=True)
+class ClassificationTask(Task):
+    """Classification scored by the label words' next-token logits (LM-BFF / MeZO style):
+    the prediction is the label word whose first token has the highest logit after the prompt."""
+
+    label_words: tuple[str, ...] = ()
+
+
+def register_task(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise BadInput(f"data.task: unknown task {name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def resolve_mirror(configured: str | None) -> Path | None:
+    """The mirror folder from data.mirror, else $EDGETUNE_DATA_MIRROR, else None (use the hub)."""
+    value = configured or os.environ.get(MIRROR_ENV) or None
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        origin = "data.mirror" if configured else MIRROR_ENV
+        raise BadInput(f"{origin}: mirror folder {str(path)!r} does not exist")
+    return path
+
+
+def require_file(path: Path) -> Path:
+    if not path.is_file():
+        raise BadInput(f"data mirror: expected file {str(path)!r} is missing")
+    return path

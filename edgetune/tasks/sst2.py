@@ -1,0 +1,55 @@
+"""SST-2 (GLUE; Socher et al., 2013): binary sentiment, scored by accuracy.
+
+Mirror layout: <mirror>/sst2/{train,dev}.tsv with columns `sentence`, `label` (GLUE format).
+Hub: `stanfordnlp/sst2` (train / validation).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetune.config import BadInput
+from edgetune.tasks.base import ClassificationTask, register_task, require_file
+
+TEMPLATE = "Review: {sentence}\nSentiment:"
+LABEL_WORDS = (" negative", " positive")  # label 0, label 1
+
+
+def prompt(sentence: str) -> str:
+    return TEMPLATE.format(sentence=sentence.strip())
+
+
+def _load(split: str, mirror: Path | None):
+    import datasets
+    import pandas as pd
+
+    if mirror is None:
+        hub_split = {"train": "train", "dev": "validation"}[split]
+        ds = datasets.load_dataset("stanfordnlp/sst2", split=hub_split)
+        frame = ds.to_pandas()[["sentence", "label"]]
+    else:
+        path = require_file(mirror / "sst2" / f"{split}.tsv")
+        try:
+            # GLUE TSVs are not CSV-quoted: quotes are literal characters.
+            frame = pd.read_csv(path, sep="\t", quoting=3, dtype={"sentence": str})
+        except Exception as e:  # pandas raises a zoo of parser errors
+            raise BadInput(f"{path}: not a readable TSV ({e})") from None
+        missing = {"sentence", "label"} - set(frame.columns)
+        if missing:
+            raise BadInput(f"{path}: missing column(s) {sorted(missing)}; expected sentence, label")
+    if frame.empty:
+        raise BadInput(f"sst2/{split}: split is empty")
+    frame = frame.dropna(subset=["sentence"])
+    frame = frame.assign(prompt=frame["sentence"].map(prompt), label=frame["label"].astype(int))
+    return datasets.Dataset.from_pandas(frame[["prompt", "label"]], preserve_index=False)
+
+
+TASK = register_task(
+    ClassificationTask(
+        name="sst2",
+        hub_id="stanfordnlp/sst2",
+        splits=("train", "dev"),
+        loader=_load,
+        label_words=LABEL_WORDS,
+    )
+)

@@ -1,0 +1,183 @@
+"""The end-to-end pipeline: a Prefect flow that runs the DVC stages in DAG order.
+
+    python -m flows.pipeline            # or: edgetune run / make run
+
+Each stage is a Prefect task that calls `dvc repro --single-item <stage>`, so DVC decides what
+is stale: unchanged stages are skipped (the task ends in a Completed state named "Cached") and
+are still linked to this run in MLflow with their cached metrics. Transient failures (a held
+DVC lock, a locked MLflow database) are retried once; any other stage failure fails the flow
+with the stage's own error. One MLflow parent run holds all params and the headline metrics;
+each stage logs its child run under it (EDGETUNE_PARENT_RUN_ID).
+
+Without PREFECT_API_URL, Prefect starts a temporary local server for the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+# Quiet, offline-friendly defaults; any of them can be overridden from the environment.
+for key, value in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+}.items():
+    os.environ.setdefault(key, value)
+
+from edgetune import tracking  # noqa: E402
+from edgetune.cli import run_main  # noqa: E402
+from edgetune.config import flatten, load_params  # noqa: E402
+
+TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Connection refused")
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, tail: str):
+        self.transient = any(m in tail for m in TRANSIENT_MARKERS)
+        super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
+
+
+def dag_order(dvc_file: str = "dvc.yaml") -> list[str]:
+    """Stages sorted so each comes after the stages whose outputs it depends on
+    (ties keep dvc.yaml's order)."""
+    stages = yaml.safe_load(Path(dvc_file).read_text())["stages"]
+
+    def paths(entries):
+        return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
+
+    outs = {s: paths(d.get("outs")) for s, d in stages.items()}
+
+    def feeds(a: str, b: str) -> bool:  # does stage a produce something b depends on?
+        return any(dep == o or dep.startswith(o.rstrip("/") + "/")
+                   for dep in paths(stages[b].get("deps")) for o in outs[a])
+
+    order: list[str] = []
+    pending = list(stages)
+    while pending:
+        ready = next(s for s in pending if not any(feeds(o, s) for o in pending if o != s))
+        order.append(ready)
+        pending.remove(ready)
+    return order
+
+
+def _is_transient(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except StageFailed as e:
+        return e.transient
+    except Exception:
+        return False
+    return False
+
+
+def _run_dvc(stage: str, force: bool) -> str:
+    """Run one stage through DVC, echoing its output; return the output."""
+    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage] + (["--force"] if force else [])
+    # dvc.yaml's commands say `python`: make that this interpreter, venv activated or not.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    chunks = []
+    for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        chunks.append(chunk)
+    output = b"".join(chunks).decode(errors="replace")
+    if proc.wait() != 0:
+        raise StageFailed(stage, proc.returncode, "\n".join(output.splitlines()[-25:]))
+    return output
+
+
+def build_flow():
+    from prefect import flow, get_run_logger, task
+    from prefect.states import Completed
+
+    @task(retries=1, retry_delay_seconds=3, retry_condition_fn=_is_transient,
+          task_run_name="{stage}")
+    def run_stage(stage: str, force: bool = False):
+        output = _run_dvc(stage, force)
+        if "didn't change, skipping" in output or "is cached - skipping run" in output:
+            get_run_logger().info("%s: unchanged, taken from the DVC cache", stage)
+            return Completed(name="Cached", message=f"{stage} unchanged")
+        return None
+
+    @flow(name="edgetune-pipeline")
+    def pipeline(force: bool = False) -> dict[str, str]:
+        params = load_params()
+        logger = get_run_logger()
+        mlflow = tracking.configure(params.tracking.experiment)
+        outcomes: dict[str, str] = {}
+        with mlflow.start_run(run_name="pipeline", tags={
+            "edgetune.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(),
+            "edgetune.method": params.finetune.method, "edgetune.task": params.data.task,
+        }) as parent:
+            mlflow.log_params(flatten(params))
+            os.environ[tracking.PARENT_ENV] = parent.info.run_id
+            try:
+                for stage in dag_order():
+                    state = run_stage(stage, force, return_state=True)
+                    state.result()  # re-raises the stage's error: the flow fails here
+                    outcomes[stage] = "cached" if state.name == "Cached" else "ran"
+                    if outcomes[stage] == "cached":
+                        tracking.log_cached_stage(
+                            stage, params.tracking.experiment, parent.info.run_id,
+                            section_params(params, stage),
+                            Path("metrics") / f"{stage}.json")
+            finally:
+                os.environ.pop(tracking.PARENT_ENV, None)
+            mlflow.log_metrics(headline_metrics(Path("metrics")))
+            mlflow.set_tag("edgetune.cached_stages",
+                           ",".join(s for s, o in outcomes.items() if o == "cached") or "none")
+        logger.info("stages: %s", ", ".join(f"{s}={o}" for s, o in outcomes.items()))
+        return outcomes
+
+    return pipeline
+
+
+def section_params(params, stage: str) -> dict[str, object]:
+    section = {"prepare": "data"}.get(stage, stage)
+    return {k: v for k, v in flatten(params).items() if k.startswith(section + ".")}
+
+
+def headline_metrics(folder: Path) -> dict[str, float]:
+    """Every stage's numeric metrics as '<stage>.<key>', plus short names to sort by in the UI."""
+    metrics: dict[str, float] = {}
+    for f in sorted(folder.glob("*.json")):
+        metrics.update(tracking.numeric(json.loads(f.read_text()), f.stem + "."))
+    aliases = {
+        "accuracy_zero_shot": "evaluate.base.accuracy",
+        "accuracy_finetuned": "evaluate.finetuned.accuracy",
+        "accuracy_compressed": "evaluate.compressed.accuracy",
+        "bytes_per_client_round": "finetune.bytes_up_per_client_round",
+        "size_mb_compressed": "evaluate.compressed.size_mb",
+        "peak_rss_mb_finetuned": "evaluate.finetuned.peak_rss_mb",
+    }
+    metrics.update({a: metrics[k] for a, k in aliases.items() if k in metrics})
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Run the edgetune pipeline (DVC stages) as a Prefect flow.")
+    p.add_argument("--force", action="store_true", help="re-run every stage, cached or not")
+    args = p.parse_args(argv)
+    load_params()  # bad params: exit 2 before Prefect, DVC or MLflow start
+    pipeline = build_flow()
+    state = pipeline(force=args.force, return_state=True)
+    if state.is_failed():
+        print(f"pipeline failed: {state.message}", file=sys.stderr)
+        return 1
+    outcomes = state.result()
+    print("pipeline done: " + ", ".join(f"{s} {o}" for s, o in outcomes.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(lambda argv: sys.exit(main(argv)))

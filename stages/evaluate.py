@@ -1,0 +1,28 @@
+"""evaluate: task accuracy, WikiText-2 perplexity, size, latency and peak memory of the base
+(zero-shot), fine-tuned and compressed models, each in its own process."""
+
+from pathlib import Path
+
+from edgetune.cli import parser, run_main, stage, write_metrics
+
+
+def main(argv=None):
+    p = parser(__doc__)
+    p.add_argument("--data", required=True, help="prepared data folder")
+    p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                   help="a model to evaluate, e.g. base=models/base (repeatable)")
+    p.add_argument("--metrics", required=True)
+    args = p.parse_args(argv)
+    models = dict(m.split("=", 1) for m in args.model)
+    with stage("evaluate", args.params, [args.data, *models.values()], [args.metrics]) as (params, _):
+        from edgetune.evaluate import evaluate_isolated
+
+        results = {name: evaluate_isolated(path, args.data, params.data.task, params.evaluate)
+                   for name, path in models.items()}
+        if "base" in results and "finetuned" in results:
+            results["gain_over_zero_shot"] = results["finetuned"]["accuracy"] - results["base"]["accuracy"]
+        write_metrics(args.metrics, results)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,65 @@
+"""Shared fixtures: the data mirror, the real SmolLM2 tokenizer, and a tiny Llama built on it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def mirror() -> Path:
+    """The local dataset mirror: $EDGETUNE_DATA_MIRROR, else ../shared/data beside the repo."""
+    path = Path(os.environ.get("EDGETUNE_DATA_MIRROR") or REPO.parent / "shared" / "data")
+    assert (path / "sst2" / "train.tsv").is_file(), (
+        f"data mirror not found at {path}: set EDGETUNE_DATA_MIRROR to a folder with sst2/train.tsv"
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """The real SmolLM2-135M-Instruct tokenizer (from the packaged GGUF), saved as HF files."""
+    from transformers import AutoTokenizer
+
+    from edgetune.models import packaged_gguf
+
+    gguf = packaged_gguf()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    out = tmp_path_factory.mktemp("tokenizer")
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 64-wide Llama with SmolLM2's real tokenizer and vocabulary, saved as HF."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sst2_prompts(mirror):
+    """A real slice of SST-2 train: 400 rows as (prompts, labels)."""
+    from edgetune.tasks import get_task
+
+    ds = get_task("sst2").load("train", mirror).select(range(400))
+    return ds["prompt"], ds["label"]

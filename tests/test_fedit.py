@@ -1,0 +1,92 @@
+"""FedIT through the one round loop, on a tiny Llama with the real tokenizer and real SST-2."""
+
+from __future__ import annotations
+
+import torch
+
+from edgetune.config import FinetuneParams
+from edgetune.federated.engine import ClientData, run_federation, sample_clients
+from edgetune.federated.methods import get_method
+from edgetune.federated.methods.fedit import weighted_mean
+from edgetune.federated.protocol import Message, to_bytes
+from edgetune.models import load_hf
+from edgetune.scoring import classification_loss, encode, label_token_ids
+from edgetune.tasks import get_task
+
+
+def make_clients(sst2_prompts, n=4, size=24):
+    prompts, labels = sst2_prompts
+    return [ClientData(i, prompts[i * size:(i + 1) * size], labels[i * size:(i + 1) * size])
+            for i in range(n)]
+
+
+def run(tiny_model_dir, clients, rounds=3, tmp=None, **overrides):
+    cfg = FinetuneParams(num_rounds=rounds, sample_rate=0.5, local_steps=3, batch_size=8,
+                         lr=5e-3, **overrides)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_hf(tiny_model_dir)
+    method = get_method("fedit")(cfg, tok, label_token_ids(tok, get_task("sst2").label_words))
+    model = method.prepare_model(model)
+    state, history = run_federation(method, model, clients, num_rounds=cfg.num_rounds,
+                                    sample_rate=cfg.sample_rate, seed=cfg.seed, checkpoint_dir=tmp)
+    return method, model, tok, state, history
+
+
+def test_weighted_mean_is_fedavg():
+    a, b = {"w": torch.tensor([0.0, 2.0])}, {"w": torch.tensor([4.0, 6.0])}
+    out = weighted_mean([a, b], [1, 3])
+    torch.testing.assert_close(out["w"], torch.tensor([3.0, 5.0]))
+
+
+def test_sampling_is_seeded_and_without_replacement():
+    import numpy as np
+
+    draws = [sample_clients(np.random.default_rng(1), 10, 0.3) for _ in range(2)]
+    assert draws[0] == draws[1] and len(set(draws[0])) == 3
+
+
+def test_only_lora_weights_travel_and_bytes_are_real(tiny_model_dir, sst2_prompts, tmp_path):
+    method, model, _, state, history = run(tiny_model_dir, make_clients(sst2_prompts), rounds=2,
+                                           tmp=tmp_path)
+    assert state and all("lora_" in k for k in state)
+    payload = sum(t.numel() * t.element_size() for t in state.values())
+    expected = len(to_bytes(Message(state)))
+    assert history[-1].bytes_down_per_client == expected
+    assert payload < history[-1].bytes_up_per_client < payload + 4096  # payload + header + meta
+    assert len(history[-1].clients) == 2
+    assert (tmp_path / "global.safetensors").is_file()
+
+
+def test_same_seed_same_global_state(tiny_model_dir, sst2_prompts):
+    clients = make_clients(sst2_prompts)
+    s1 = run(tiny_model_dir, clients, rounds=2)[3]
+    s2 = run(tiny_model_dir, clients, rounds=2)[3]
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_training_lowers_the_loss_on_client_data(tiny_model_dir, sst2_prompts):
+    clients = make_clients(sst2_prompts)
+    prompts = [p for c in clients for p in c.prompts]
+    labels = torch.tensor([y for c in clients for y in c.labels])
+    method, model, tok, state, _ = run(tiny_model_dir, clients, rounds=6)
+    batch = encode(tok, prompts, 64)
+    with torch.no_grad():
+        trained = classification_loss(model, batch, labels, method.label_ids).item()
+        with model.disable_adapter():
+            untrained = classification_loss(model, batch, labels, method.label_ids).item()
+    assert trained < untrained - 0.02
+
+
+def test_export_writes_a_loadable_merged_model(tiny_model_dir, sst2_prompts, tmp_path):
+    method, model, tok, state, _ = run(tiny_model_dir, make_clients(sst2_prompts), rounds=1)
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, state)  # the global adapter, not the last client's
+    batch = encode(tok, ["Review: good\nSentiment:"], 32)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    method.export(model, state, tmp_path)
+    merged, _ = load_hf(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()

@@ -1,0 +1,40 @@
+"""model.source resolution: each kind of source is recognised, bad ones fail with BadInput."""
+
+from __future__ import annotations
+
+import pytest
+
+from edgetune.config import BadInput
+from edgetune.models import load_hf, load_source, parse_source
+
+
+def test_packaged_source_is_the_smollm2_gguf():
+    src = parse_source("packaged")
+    assert src.kind == "packaged" and src.gguf_file.endswith(".gguf")
+
+
+def test_local_folder_and_hub_id(tiny_model_dir):
+    assert parse_source(str(tiny_model_dir)).kind == "local"
+    assert parse_source("HuggingFaceTB/SmolLM2-135M-Instruct").kind == "hub"
+
+
+@pytest.mark.parametrize("source, message", [
+    ("missing.gguf", "not found"),
+    ("./no/such/dir/at/all", "neither"),
+])
+def test_bad_sources(source, message):
+    with pytest.raises(BadInput, match=message):
+        parse_source(source)
+
+
+def test_folder_without_config_is_rejected(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"0")
+    with pytest.raises(BadInput, match="not a Hugging Face folder"):
+        parse_source(str(tmp_path))
+    with pytest.raises(BadInput, match="no config.json"):
+        load_hf(tmp_path)
+
+
+def test_local_source_loads(tiny_model_dir):
+    model, tok = load_source(parse_source(str(tiny_model_dir)))
+    assert model.config.num_hidden_layers == 2 and tok is not None

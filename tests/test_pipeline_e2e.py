@@ -1,0 +1,171 @@
+"""End to end on the real packaged SmolLM2-135M and real SST-2: the Prefect flow over the DVC
+stages, MLflow parent/child runs, and DVC re-running only what changed.
+
+One small project is built in a temp folder (a copy of the pipeline code with a params.yaml of
+few rows and rounds) and the flow runs once; the tests below then inspect and re-run it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.e2e
+
+SMALL = {
+    "data": {"max_train": 400, "max_eval": 48},
+    "partition": {"num_clients": 4, "alpha": 0.5, "min_size": 10},
+    "finetune": {"num_rounds": 2, "local_steps": 2, "batch_size": 4},
+    "evaluate": {"ppl_windows": 2, "ppl_seq_len": 128, "latency_new_tokens": 4},
+    "tracking": {"experiment": "e2e"},
+}
+
+
+def run(cmd, cwd, env, timeout=900):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, mirror):
+    root = tmp_path_factory.mktemp("project")
+    for name in ("edgetune", "stages", "flows"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in SMALL.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "PREFECT_API"))}
+    env.update(EDGETUNE_DATA_MIRROR=str(mirror), PREFECT_HOME=str(root / ".prefect"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=env)
+    rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
+    assert rc == 0, output[-4000:]
+    return root, env, output
+
+
+def mlflow_runs(root: Path):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("e2e")
+    return client, client.search_runs([exp.experiment_id], order_by=["start_time ASC"])
+
+
+def test_flow_runs_every_stage_and_tracks_it_in_mlflow(project):
+    root, _, output = project
+    assert ran_stages(output) == {"model", "prepare", "partition", "finetune", "compress", "evaluate"}
+    client, runs = mlflow_runs(root)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.data.params["finetune.lr"] == "0.001"
+    assert parent.data.params["partition.alpha"] == "0.5"
+    for key in ("accuracy_zero_shot", "accuracy_finetuned", "accuracy_compressed",
+                "bytes_per_client_round", "size_mb_compressed", "peak_rss_mb_finetuned"):
+        assert key in parent.data.metrics, key
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.data.tags["edgetune.stage"] for r in children) == sorted(
+        ["model", "prepare", "partition", "finetune", "compress", "evaluate"])
+    assert all(r.data.tags["edgetune.cached"] == "false" for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    finetune = next(r for r in children if r.data.tags["edgetune.stage"] == "finetune")
+    history = client.get_metric_history(finetune.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2]
+    up = client.get_metric_history(finetune.info.run_id, "bytes_up_per_client")
+    assert all(m.value > 100_000 for m in up)  # real LoRA weights went up
+    partition = next(r for r in children if r.data.tags["edgetune.stage"] == "partition")
+    artifacts = {a.path for a in client.list_artifacts(partition.info.run_id)}
+    assert {"stats.json", "partition_label_share.png"} <= artifacts
+
+
+def test_metrics_are_real_and_models_reload(project):
+    root, env, _ = project
+    ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+    for name in ("base", "finetuned", "compressed"):
+        assert 0 <= ev[name]["accuracy"] <= 1 and ev[name]["eval_examples"] == 48
+        assert 1 < ev[name]["perplexity"] < 1000
+        assert ev[name]["peak_rss_mb"] > 300
+    assert ev["compressed"]["size_mb"] < 0.5 * ev["finetuned"]["size_mb"]
+    code = ("import sys; from transformers import AutoModelForCausalLM as M; "
+            "[M.from_pretrained(p) for p in sys.argv[1:]]; print('ok')")
+    rc, out = run([sys.executable, "-c", code, "models/finetuned/merged", "models/compressed"], root, env)
+    assert rc == 0 and "ok" in out, out[-2000:]
+
+
+def test_immediate_second_repro_runs_nothing(project):
+    root, env, _ = project
+    rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert rc == 0, output
+    assert ran_stages(output) == set()
+    assert "Data and pipelines are up to date" in output
+
+
+def test_changing_lr_reruns_exactly_finetune_compress_evaluate(project):
+    root, env, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"]["lr"] = 0.002
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert rc == 0, output[-4000:]
+    assert ran_stages(output) == {"finetune", "compress", "evaluate"}
+
+
+def test_rerun_of_the_flow_links_cached_stages(project):
+    root, env, _ = project
+    rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
+    assert rc == 0, output[-4000:]
+    assert ran_stages(output) == set()
+    _, runs = mlflow_runs(root)
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][-1]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert len(children) == 6 and all(r.data.tags["edgetune.cached"] == "true" for r in children)
+    assert parent.data.params["finetune.lr"] == "0.002"
+    assert "accuracy_finetuned" in parent.data.metrics
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_failing_stage_fails_the_flow_and_leaves_no_running_run(project):
+    root, env, _ = project
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["finetune"]["lora"]["targets"] = ["no_such_module"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
+    assert rc == 1
+    assert "stage 'finetune' failed" in output and "no_such_module" in output
+    _, runs = mlflow_runs(root)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    assert not (root / "models" / "finetuned").exists()
+
+
+def test_compare_notebook_executes_against_the_runs(project):
+    import nbformat
+    from nbclient import NotebookClient
+
+    root, _, _ = project
+    nb = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    os.environ["EDGETUNE_EXPERIMENT"] = "e2e"
+    try:
+        NotebookClient(nb, timeout=300, kernel_name="python3",
+                       resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI")
+        os.environ.pop("EDGETUNE_EXPERIMENT")
+    printed = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert "finished pipeline runs in 'e2e'" in printed and not printed.startswith("0 ")

@@ -1,0 +1,35 @@
+"""Label-word scoring: padding does not change a prompt's score; labels map to distinct tokens."""
+
+import torch
+
+from edgetune.models import load_hf
+from edgetune.scoring import accuracy, encode, label_logits, label_token_ids
+from edgetune.tasks import get_task
+
+
+def test_left_padding_does_not_change_scores(tiny_model_dir):
+    model, tok = load_hf(tiny_model_dir)
+    ids = label_token_ids(tok, get_task("sst2").label_words)
+    prompts = ["Review: fine\nSentiment:", "Review: a much longer and rather dull film\nSentiment:"]
+    with torch.no_grad():
+        batched = label_logits(model, encode(tok, prompts, 64), ids)
+        alone = torch.cat([label_logits(model, encode(tok, [p], 64), ids) for p in prompts])
+    torch.testing.assert_close(batched, alone, atol=1e-4, rtol=1e-4)
+
+
+def test_label_words_are_distinct_single_tokens(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    ids = label_token_ids(tok, get_task("sst2").label_words)
+    assert len(set(ids.tolist())) == 2
+
+
+def test_accuracy_matches_argmax(tiny_model_dir, sst2_prompts):
+    model, tok = load_hf(tiny_model_dir)
+    ids = label_token_ids(tok, get_task("sst2").label_words)
+    prompts, labels = sst2_prompts[0][:20], sst2_prompts[1][:20]
+    with torch.no_grad():
+        pred = label_logits(model, encode(tok, prompts, 64), ids).argmax(-1)
+    expected = (pred == torch.tensor(labels)).float().mean().item()
+    assert abs(accuracy(model, tok, prompts, labels, ids, batch_size=7) - expected) < 1e-9
