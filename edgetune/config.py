@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = "params.yaml"
 
@@ -75,8 +75,30 @@ class LoraParams(Section):
     targets: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="module names")
 
 
+class ZOParams(Section):
+    """Zeroth-order knobs shared by mezo, job, fedkseed, fedkseed-pro and fwdllm."""
+
+    lr: float = Field(1e-5, gt=0, description="ZO learning rate (MeZO uses 1e-7..1e-5 for full weights)")
+    eps: float = Field(1e-3, gt=0, description="perturbation scale")
+    K: int = Field(4096, ge=1, description="FedKSeed: number of candidate seeds fixed at the start")
+    pro_temperature: float = Field(
+        0.5, gt=0, description="FedKSeed-Pro: softmax temperature over normalized seed importance"
+    )
+
+
+METHODS = ("fedit", "mezo", "job", "fedkseed", "fedkseed-pro")
+# The trainable set each method uses when finetune.trainable is auto.
+DEFAULT_TRAINABLE = {"fedit": "lora", "mezo": "full", "job": "full", "fedkseed": "full",
+                     "fedkseed-pro": "full"}
+
+
 class FinetuneParams(Section):
-    method: Literal["fedit"] = Field("fedit", description="federated method (registry name)")
+    method: Literal["fedit", "mezo", "job", "fedkseed", "fedkseed-pro"] = Field(
+        "fedit", description="federated method (registry name); mezo = one centralized client"
+    )
+    trainable: Literal["auto", "full", "lora"] = Field(
+        "auto", description="what is trained: all weights or LoRA adapters; auto = the method's own"
+    )
     num_rounds: int = Field(10, ge=1, description="federated rounds")
     sample_rate: float = Field(0.5, gt=0, le=1, description="share of clients sampled per round")
     local_steps: int = Field(5, ge=1, description="optimizer steps per sampled client per round")
@@ -85,7 +107,18 @@ class FinetuneParams(Section):
     weight_decay: float = Field(0.0, ge=0, description="client AdamW weight decay")
     max_length: int = Field(64, ge=8, description="prompt tokens kept (truncated from the left)")
     lora: LoraParams = LoraParams()
+    zo: ZOParams = ZOParams()
     seed: int = Field(0, description="seed of client sampling, batches and init")
+
+    @model_validator(mode="after")
+    def _trainable_fits_method(self):
+        if self.method == "fedit" and self.trainable == "full":
+            raise ValueError("finetune.trainable: fedit trains LoRA adapters; use lora or auto")
+        return self
+
+    @property
+    def trainable_set(self) -> str:
+        return DEFAULT_TRAINABLE[self.method] if self.trainable == "auto" else self.trainable
 
 
 # --------------------------------------------------------------------------- compress
@@ -142,6 +175,8 @@ def _describe(err: dict) -> str:
     key = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
     # Discriminated unions put the tag in loc (compress.steps.0.int8.x); keep it readable.
     kind, msg, value = err["type"], err["msg"], err.get("input")
+    if kind == "value_error":  # our own validators already name the key
+        return msg.removeprefix("Value error, ")
     if kind == "extra_forbidden":
         return f"{key}: unknown key"
     if kind in ("literal_error", "union_tag_invalid"):

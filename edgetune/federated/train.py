@@ -36,6 +36,11 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
 
     method_cls = get_method(cfg.method)
     clients = load_clients(partitions)
+    sample_rate = cfg.sample_rate
+    if getattr(method_cls, "centralized", False):  # e.g. mezo: one client with all the data
+        clients = [ClientData(0, [p for c in clients for p in c.prompts],
+                              [y for c in clients for y in c.labels])]
+        sample_rate = 1.0
     task = get_task(task_name)
     torch.manual_seed(cfg.seed)  # adapter init
     model, tok = load_hf(base_dir, dtype=torch.float32)
@@ -43,7 +48,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
     model = method.prepare_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state, history = run_federation(
-        method, model, clients, num_rounds=cfg.num_rounds, sample_rate=cfg.sample_rate,
+        method, model, clients, num_rounds=cfg.num_rounds, sample_rate=sample_rate,
         seed=cfg.seed, checkpoint_dir=out_dir / "checkpoint", on_round=on_round,
     )
     method.export(model, state, out_dir)
@@ -55,6 +60,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         "bytes_total": sum((h.bytes_up_per_client + h.bytes_down_per_client) * len(h.clients)
                            for h in history),
         "trainable_params": trainable,
+        "trainable_set": cfg.trainable_set,
         "seconds": sum(h.seconds for h in history),
         "num_clients": len(clients),
     }

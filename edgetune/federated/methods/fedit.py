@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from edgetune.config import BadInput
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.protocol import Message
+from edgetune.federated.trainable import save_model, wrap_lora
 from edgetune.scoring import classification_loss, encode
 
 
@@ -35,15 +35,7 @@ def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -
 
 class FedIT(FederatedMethod):
     def prepare_model(self, model):
-        from peft import LoraConfig, get_peft_model
-
-        lora = self.cfg.lora
-        config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.targets), task_type="CAUSAL_LM")
-        try:
-            return get_peft_model(model, config)
-        except ValueError as e:  # peft: target modules not found
-            raise BadInput(f"finetune.lora.targets: {e}") from None
+        return wrap_lora(model, self.cfg.lora)
 
     def init_state(self, model):
         from peft import get_peft_model_state_dict
@@ -81,6 +73,4 @@ class FedIT(FederatedMethod):
         out_dir = Path(out_dir)
         set_peft_model_state_dict(model, state)
         model.save_pretrained(out_dir / "adapter")
-        merged = model.merge_and_unload()
-        merged.save_pretrained(out_dir / "merged")
-        self.tok.save_pretrained(out_dir / "merged")
+        save_model(model, self.tok, out_dir / "merged")

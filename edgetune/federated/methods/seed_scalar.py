@@ -1,0 +1,107 @@
+"""What every seed-scalar (MEFT) method shares: a client trains with MeZO steps and uploads
+only (seed, projected-gradient) pairs; the global model is never sent, only rebuilt by
+replaying pairs (edgetune/federated/zo.py) from the same starting weights.
+
+In simulation all virtual clients share one model object. It always holds the current global
+weights: the first client of a round replays the broadcast pairs onto it (`sync`), every client
+snapshots the trainable weights before its local steps and copies them back afterwards, so
+the next client starts from exactly the same global weights.
+
+Subclasses say how seeds are chosen (`client_seeds`), what the server keeps and broadcasts
+(`aggregate`, `downlink`) and how a broadcast becomes pairs to replay (`pairs_to_replay`).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from pathlib import Path
+
+import torch
+
+from edgetune.config import BadInput
+from edgetune.federated import zo
+from edgetune.federated.engine import ClientData
+from edgetune.federated.methods.base import FederatedMethod
+from edgetune.federated.methods.fedit import sample_batch
+from edgetune.federated.protocol import Message
+from edgetune.federated.trainable import prepare_trainable, save_model
+from edgetune.scoring import classification_loss, encode
+
+
+class SeedScalarMethod(FederatedMethod):
+    centralized = False  # mezo: one client holding all the data
+
+    def prepare_model(self, model):
+        model = prepare_trainable(model, self.cfg.trainable_set, self.cfg.lora)
+        model.eval()  # ZO needs no dropout noise between the +eps and -eps passes
+        self.params = zo.trainable(model)
+        self.model_round = 0  # the round whose global weights the model holds
+        return model
+
+    # ----------------------------------------------------------------- client side
+    def sync(self, model, down: Message) -> None:
+        """Bring the shared model from round t-1 to round t by replaying the broadcast."""
+        target = int(down.meta["round"])
+        if target == self.model_round:
+            return
+        if target != self.model_round + 1:
+            raise RuntimeError(f"client at round {self.model_round} got round {target}: "
+                               "replay the dictionary history (rebuild) to catch up")
+        seeds, grads = self.pairs_to_replay(down)
+        zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
+        self.model_round = target
+
+    @torch.no_grad()
+    def client_update(self, model, down, data: ClientData, rng):
+        self.sync(model, down)
+        saved = zo.snapshot(self.params)
+        seeds = self.client_seeds(down, data, rng)
+        grads, losses = [], []
+        for seed in seeds:
+            prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
+            batch = encode(self.tok, prompts, self.cfg.max_length)
+            g, loss = zo.projected_gradient(
+                self.params, lambda: classification_loss(model, batch, labels, self.label_ids),
+                seed, self.cfg.zo.eps)
+            zo.apply_update(self.params, seed, g, self.cfg.zo.lr, self.cfg.weight_decay)
+            grads.append(g)
+            losses.append(loss)
+        zo.restore(self.params, saved)  # back to the global weights for the next client
+        return self.reply(seeds, grads, data, sum(losses) / len(losses))
+
+    # ----------------------------------------------------------------- method specifics
+    @abstractmethod
+    def client_seeds(self, down: Message, data: ClientData, rng: torch.Generator) -> list[int]:
+        """The seed of each local step (local_steps of them)."""
+
+    @abstractmethod
+    def reply(self, seeds: list[int], grads: list[float], data: ClientData, loss: float) -> Message:
+        """The upload: the pairs in this method's wire format."""
+
+    @abstractmethod
+    def pairs_to_replay(self, down: Message) -> tuple[list[int], list[float]]:
+        """(seeds, scalars) a client replays to apply one broadcast."""
+
+    @abstractmethod
+    def history(self, state) -> list[tuple[list[int], list[float]]]:
+        """Per round, the (seeds, scalars) replayed: rebuilding = replaying all of them."""
+
+    # ----------------------------------------------------------------- global model
+    def rebuild(self, model, state) -> None:
+        """Replay the whole dictionary history onto the initial weights (a late joiner's
+        catch-up, or an evaluator that never trained). Bit-identical to the synced model."""
+        for seeds, grads in self.history(state):
+            zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
+
+    def export(self, model, state, out_dir) -> None:
+        final = self.downlink(state)
+        self.sync(model, final)
+        save_model(model, self.tok, Path(out_dir) / "merged")
+
+
+def weights_of(replies: list[Message]) -> list[float]:
+    """FedAvg weights: each client's share of the round's samples."""
+    total = sum(r.meta["num_samples"] for r in replies)
+    if total <= 0:
+        raise BadInput("finetune: sampled clients hold no samples")
+    return [r.meta["num_samples"] / total for r in replies]

@@ -1,0 +1,93 @@
+"""Seed-scalar (MEFT) methods through the one round loop, on a tiny Llama with the real
+tokenizer and real SST-2: only seeds and scalars travel, and any process that replays the
+exchanged dictionary gets bit-identical weights."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from edgetune.config import FinetuneParams
+from edgetune.federated.engine import run_federation
+from edgetune.federated.methods import get_method
+from edgetune.federated.methods.job import job_seed
+from edgetune.models import load_hf
+from edgetune.scoring import classification_loss, encode, label_token_ids
+from tests.conftest import REPO
+from tests.rebuild_from_checkpoint import weights_hash
+from tests.test_fedit import make_clients
+
+
+def run(tiny_model_dir, clients, method_name, rounds=2, tmp=None, **overrides):
+    cfg = FinetuneParams(method=method_name, num_rounds=rounds, sample_rate=0.5, local_steps=3,
+                         batch_size=8, **overrides)
+    torch.manual_seed(cfg.seed)
+    model, tok = load_hf(tiny_model_dir)
+    method = get_method(cfg.method)(cfg, tok, label_token_ids(tok, (" negative", " positive")))
+    model = method.prepare_model(model)
+    state, history = run_federation(method, model, clients, num_rounds=rounds,
+                                    sample_rate=cfg.sample_rate, seed=cfg.seed, checkpoint_dir=tmp)
+    return cfg, method, model, tok, state, history
+
+
+@pytest.mark.parametrize("name, trainable", [
+    ("job", "full"), ("fedkseed", "full"), ("fedkseed-pro", "full"), ("fedkseed", "lora"),
+])
+def test_rebuild_in_a_fresh_process_is_bit_identical(tiny_model_dir, sst2_prompts, tmp_path, name, trainable):
+    cfg, method, model, _, state, _ = run(tiny_model_dir, make_clients(sst2_prompts), name,
+                                          rounds=3, tmp=tmp_path, trainable=trainable,
+                                          zo={"K": 64, "lr": 1e-4})
+    method.export(model, state, tmp_path / "out")  # syncs the shared model to the final round
+    in_process = weights_hash(method.params)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.rebuild_from_checkpoint", str(tiny_model_dir),
+         cfg.model_dump_json(), str(tmp_path / "global.safetensors")],
+        cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == in_process
+    # and the weights did move
+    torch.manual_seed(cfg.seed)
+    fresh = method.prepare_model(load_hf(tiny_model_dir)[0])
+    assert in_process != weights_hash([p for p in fresh.parameters() if p.requires_grad])
+
+
+def test_only_seeds_and_scalars_travel(tiny_model_dir, sst2_prompts):
+    clients = make_clients(sst2_prompts)
+    *_, job_hist = run(tiny_model_dir, clients, "job", zo={"K": 4096})
+    *_, ks_hist = run(tiny_model_dir, clients, "fedkseed", zo={"K": 4096})
+    last_job, last_ks = job_hist[-1], ks_hist[-1]
+    # JOB: 3 steps x (8-byte seed + 4-byte scalar) + header, both ways (2 clients' pairs down)
+    assert last_job.bytes_up_per_client < 400 and last_job.bytes_down_per_client < 500
+    # FedKSeed: K=4096 float32 scalars down, 3 (index, scalar) pairs up: under 18 KB in all
+    assert 4096 * 4 <= last_ks.bytes_down_per_client < 4096 * 4 + 400
+    assert last_ks.bytes_up_per_client + last_ks.bytes_down_per_client < 18_000
+
+
+def test_job_seeds_are_never_reused():
+    seeds = {job_seed(0, r, c, s) for r in range(1, 6) for c in range(8) for s in range(10)}
+    assert len(seeds) == 5 * 8 * 10
+
+
+def test_fedkseed_pro_prefers_seeds_with_large_scalars():
+    from edgetune.federated.methods.fedkseed import seed_probabilities
+
+    importance = torch.tensor([0.0, 1.0, 0.1, 0.0])
+    seen = torch.tensor([False, True, True, False])
+    p = seed_probabilities(importance, seen, temperature=0.5)
+    assert abs(p.sum().item() - 1) < 1e-6 and p[1] > p[0] > p[2]
+
+
+def test_mezo_lowers_the_loss_of_a_tiny_model(tiny_model_dir, sst2_prompts):
+    clients = make_clients(sst2_prompts, n=1, size=64)
+    cfg, method, model, tok, state, _ = run(tiny_model_dir, clients, "mezo", rounds=10,
+                                            zo={"lr": 1e-3, "eps": 1e-3})
+    batch = encode(tok, clients[0].prompts, 64)
+    labels = torch.tensor(clients[0].labels)
+    with torch.no_grad():
+        before = classification_loss(model, batch, labels, method.label_ids).item()
+        method.export(model, state, "/tmp/unused-mezo-export")
+        after = classification_loss(model, batch, labels, method.label_ids).item()
+    assert after < before
