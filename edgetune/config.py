@@ -84,16 +84,21 @@ class ZOParams(Section):
     pro_temperature: float = Field(
         0.5, gt=0, description="FedKSeed-Pro: softmax temperature over normalized seed importance"
     )
+    perturbations: int = Field(2, ge=1, description="FwdLLM: perturbations per step at the start")
+    max_perturbations: int = Field(8, ge=1, description="FwdLLM: upper bound on perturbations per step")
+    candidates: int = Field(4, ge=1, description="FwdLLM: candidates scored per perturbation")
+    var_threshold: float = Field(
+        1.0, gt=0, description="FwdLLM: variance of the scalars above which the server adds a perturbation"
+    )
 
 
-METHODS = ("fedit", "mezo", "job", "fedkseed", "fedkseed-pro")
 # The trainable set each method uses when finetune.trainable is auto.
 DEFAULT_TRAINABLE = {"fedit": "lora", "mezo": "full", "job": "full", "fedkseed": "full",
-                     "fedkseed-pro": "full"}
+                     "fedkseed-pro": "full", "fwdllm": "lora"}
 
 
 class FinetuneParams(Section):
-    method: Literal["fedit", "mezo", "job", "fedkseed", "fedkseed-pro"] = Field(
+    method: Literal["fedit", "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm"] = Field(
         "fedit", description="federated method (registry name); mezo = one centralized client"
     )
     trainable: Literal["auto", "full", "lora"] = Field(
@@ -112,8 +117,8 @@ class FinetuneParams(Section):
 
     @model_validator(mode="after")
     def _trainable_fits_method(self):
-        if self.method == "fedit" and self.trainable == "full":
-            raise ValueError("finetune.trainable: fedit trains LoRA adapters; use lora or auto")
+        if self.method in ("fedit", "fwdllm") and self.trainable == "full":
+            raise ValueError(f"finetune.trainable: {self.method} trains LoRA adapters; use lora or auto")
         return self
 
     @property

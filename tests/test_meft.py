@@ -35,6 +35,7 @@ def run(tiny_model_dir, clients, method_name, rounds=2, tmp=None, **overrides):
 
 @pytest.mark.parametrize("name, trainable", [
     ("job", "full"), ("fedkseed", "full"), ("fedkseed-pro", "full"), ("fedkseed", "lora"),
+    ("fwdllm", "lora"),
 ])
 def test_rebuild_in_a_fresh_process_is_bit_identical(tiny_model_dir, sst2_prompts, tmp_path, name, trainable):
     cfg, method, model, _, state, _ = run(tiny_model_dir, make_clients(sst2_prompts), name,
@@ -91,3 +92,15 @@ def test_mezo_lowers_the_loss_of_a_tiny_model(tiny_model_dir, sst2_prompts):
         method.export(model, state, "/tmp/unused-mezo-export")
         after = classification_loss(model, batch, labels, method.label_ids).item()
     assert after < before
+
+
+def test_fwdllm_adapts_the_number_of_perturbations_to_the_variance(tiny_model_dir, sst2_prompts):
+    clients = make_clients(sst2_prompts)
+    low = run(tiny_model_dir, clients, "fwdllm", rounds=2,
+              zo={"var_threshold": 1e9, "perturbations": 3, "lr": 1e-3})[-1]
+    high = run(tiny_model_dir, clients, "fwdllm", rounds=2,
+               zo={"var_threshold": 1e-12, "perturbations": 3, "max_perturbations": 4, "lr": 1e-3})[-1]
+    assert [h.extra["perturbations"] for h in low] == [2, 1]  # calm scalars: fewer perturbations
+    assert [h.extra["perturbations"] for h in high] == [4, 4]  # noisy: more, capped
+    # each step uploads n pairs: round 2 of `high` ran with n = 4, `low` with n = 2
+    assert high[-1].bytes_up_per_client > low[-1].bytes_up_per_client

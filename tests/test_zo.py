@@ -64,3 +64,11 @@ def test_replay_is_bit_identical():
     zo.replay(a, [1, 2, 3], [0.5, -0.25, 2.0], lr=1e-2)
     zo.replay(b, [1, 2, 3], [0.5, -0.25, 2.0], lr=1e-2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_materialize_draws_exactly_what_perturb_adds(monkeypatch):
+    monkeypatch.setattr(zo, "CHUNK", 100)
+    ps = [torch.zeros(250), torch.zeros(3, 7)]
+    zo.perturb(ps, 11, 1.0)
+    torch.testing.assert_close(zo.materialize(ps, 11), torch.cat([p.flatten() for p in ps]),
+                               atol=0, rtol=0)

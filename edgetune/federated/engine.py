@@ -10,7 +10,7 @@ and how the global state becomes model weights; it never owns a loop over rounds
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,11 +41,13 @@ class RoundLog:
     bytes_up_per_client: float
     bytes_down_per_client: float
     seconds: float
+    extra: dict[str, float] = field(default_factory=dict)  # method-specific, e.g. FwdLLM's n
 
     def metrics(self) -> dict[str, float]:
         d = asdict(self)
         d.pop("clients")
         d.pop("round")
+        d.update(d.pop("extra"))
         d["num_clients"] = len(self.clients)
         return d
 
@@ -106,6 +108,7 @@ def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
             bytes_up_per_client=float(np.mean(up_sizes)),
             bytes_down_per_client=float(len(down)),
             seconds=time.perf_counter() - t0,
+            extra=method.round_metrics(state),
         )
         history.append(log)
         bar.set_postfix(loss=f"{log.train_loss:.4f}")

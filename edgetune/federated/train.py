@@ -37,7 +37,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
     method_cls = get_method(cfg.method)
     clients = load_clients(partitions)
     sample_rate = cfg.sample_rate
-    if getattr(method_cls, "centralized", False):  # e.g. mezo: one client with all the data
+    if method_cls.centralized:  # e.g. mezo: one client with all the data
         clients = [ClientData(0, [p for c in clients for p in c.prompts],
                               [y for c in clients for y in c.labels])]
         sample_rate = 1.0

@@ -38,6 +38,15 @@ def perturb(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
 
 
 @torch.no_grad()
+def materialize(params: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+    """z(seed) as one flat vector, drawn exactly as `perturb` draws it (for small trainable
+    sets only, e.g. LoRA: FwdLLM compares candidate perturbations by cosine similarity)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.cat([torch.randn(min(CHUNK, p.numel() - start), generator=gen, dtype=p.dtype)
+                      for p in params for start in range(0, p.numel(), CHUNK)])
+
+
+@torch.no_grad()
 def projected_gradient(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed: int,
                        eps: float) -> tuple[float, float]:
     """(g, mean loss) from two forward passes at theta +/- eps z(seed); theta is restored."""

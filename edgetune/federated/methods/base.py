@@ -21,6 +21,7 @@ METHODS: dict[str, type["FederatedMethod"]] = {}  # filled by register_method
 
 class FederatedMethod(ABC):
     name: str = "?"
+    centralized = False  # True: one client holds all the data (e.g. mezo)
 
     def __init__(self, cfg: FinetuneParams, tok, label_ids: torch.Tensor):
         self.cfg = cfg
@@ -47,6 +48,10 @@ class FederatedMethod(ABC):
     @abstractmethod
     def aggregate(self, state: dict[str, torch.Tensor], replies: list[Message]) -> dict[str, torch.Tensor]:
         """Fold the clients' replies into the next global state."""
+
+    def round_metrics(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Method-specific numbers to log after each round (none by default)."""
+        return {}
 
     @abstractmethod
     def export(self, model, state: dict[str, torch.Tensor], out_dir) -> None:

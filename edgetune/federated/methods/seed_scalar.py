@@ -29,7 +29,6 @@ from edgetune.scoring import classification_loss, encode
 
 
 class SeedScalarMethod(FederatedMethod):
-    centralized = False  # mezo: one client holding all the data
 
     def prepare_model(self, model):
         model = prepare_trainable(model, self.cfg.trainable_set, self.cfg.lora)

@@ -1,0 +1,67 @@
+"""Bytes per client per round of every method at the default settings (issue 3).
+
+Runs each method for two rounds through the real engine on the real model and batch settings
+of params.yaml, and reports the serialized size of the real messages (round 2, when the
+broadcast carries the first round's aggregate). Seed-scalar messages do not depend on which
+weights are trained, so the zeroth-order methods run with LoRA trainable here to keep the
+benchmark short; FedIT's message is the LoRA weights themselves.
+Target: FedKSeed <= 18 KB per client per round; also reports FedIT / FedKSeed.
+
+    python -m benchmarks.comm [--model DIR] [--params params.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+METHODS = ("fedit", "mezo", "job", "fedkseed", "fedkseed-pro")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model")
+    p.add_argument("--mirror")
+    p.add_argument("--params", default="params.yaml")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from benchmarks.common import model_dir, save
+    from edgetune.config import load_params
+    from edgetune.federated.engine import ClientData, run_federation
+    from edgetune.federated.methods import get_method
+    from edgetune.models import load_hf
+    from edgetune.scoring import label_token_ids
+    from edgetune.tasks import get_task, resolve_mirror
+
+    params = load_params(args.params)
+    path = str(model_dir(args.model))
+    ds = get_task("sst2").load("train", resolve_mirror(args.mirror)).select(range(800))
+    n = params.partition.num_clients
+    clients = [ClientData(i, ds["prompt"][i::n], ds["label"][i::n]) for i in range(n)]
+    results = {}
+    for name in METHODS:
+        cfg = params.finetune.model_copy(update={
+            "method": name, "num_rounds": 2, "trainable": "auto" if name == "fedit" else "lora"})
+        torch.manual_seed(cfg.seed)
+        model, tok = load_hf(path)
+        method = get_method(name)(cfg, tok, label_token_ids(tok, get_task("sst2").label_words))
+        model = method.prepare_model(model)
+        use = [ClientData(0, ds["prompt"], ds["label"])] if method.centralized else clients
+        _, history = run_federation(method, model, use, num_rounds=2,
+                                    sample_rate=1.0 if method.centralized else cfg.sample_rate,
+                                    seed=cfg.seed)
+        last = history[-1]
+        results[name] = {"bytes_up": last.bytes_up_per_client, "bytes_down": last.bytes_down_per_client,
+                         "bytes_per_client_round": last.bytes_up_per_client + last.bytes_down_per_client}
+        print(f"{name:14s} up {last.bytes_up_per_client:10.0f} B  down {last.bytes_down_per_client:10.0f} B")
+    results["fedit_over_fedkseed"] = (results["fedit"]["bytes_per_client_round"]
+                                      / results["fedkseed"]["bytes_per_client_round"])
+    results["fedkseed_under_18kb"] = float(results["fedkseed"]["bytes_per_client_round"] <= 18_000)
+    print(save("comm", results, {"model": path, "local_steps": params.finetune.local_steps,
+                                 "K": params.finetune.zo.K, "lora_r": params.finetune.lora.r,
+                                 "lora_targets": ",".join(params.finetune.lora.targets)}))
+
+
+if __name__ == "__main__":
+    main()

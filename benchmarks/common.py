@@ -1,0 +1,73 @@
+"""Shared by the benchmark scripts: the model to measure, a real batch, and result logging."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+CACHE = Path(__file__).parent / ".cache"
+
+
+def model_dir(arg: str | None) -> Path:
+    """The HF folder to benchmark: --model if given, else the pipeline's models/base, else the
+    packaged SmolLM2-135M converted once into benchmarks/.cache/base."""
+    if arg:
+        return Path(arg)
+    if Path("models/base/config.json").is_file():
+        return Path("models/base")
+    out = CACHE / "base"
+    if not (out / "config.json").is_file():
+        from edgetune.models import load_source, parse_source, save_hf
+
+        model, tok = load_source(parse_source("packaged"))
+        save_hf(model, tok, out)
+    return out
+
+
+def real_batch(tok, mirror: str | None, batch_size: int, seq_len: int):
+    """batch_size real SST-2 train prompts, padded/truncated to exactly seq_len tokens."""
+    import torch
+
+    from edgetune.tasks import get_task, resolve_mirror
+
+    ds = get_task("sst2").load("train", resolve_mirror(mirror)).select(range(batch_size))
+    enc = tok(ds["prompt"], return_tensors="pt", padding="max_length", truncation=True,
+              max_length=seq_len)
+    mask = enc["attention_mask"]
+    return ({"input_ids": enc["input_ids"], "attention_mask": mask,
+             "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)},
+            torch.tensor(ds["label"]))
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's resident-set high-water mark (VmHWM) of this process (Linux)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def save(name: str, results: dict, params: dict) -> Path:
+    """Write benchmarks/results/<name>.json and log the same numbers to MLflow."""
+    from edgetune import tracking
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "machine": {"cpu_count": os.cpu_count(),
+                                             "platform": platform.platform()},
+              "params": params, "results": results}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    mlflow = tracking.configure("edgetune-benchmarks")
+    with mlflow.start_run(run_name=name, tags={"edgetune.benchmark": name,
+                                               "mlflow.source.git.commit": tracking.git_commit()}):
+        mlflow.log_params(params)
+        mlflow.log_metrics(tracking.numeric(results))
+        mlflow.log_artifact(str(path))
+    return path

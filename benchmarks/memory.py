@@ -1,0 +1,75 @@
+"""Peak memory of one client's local step, each case in a fresh process (issue 3).
+
+Cases on the same real batch (SST-2 prompts, 16 x 64 tokens): inference only; a MeZO step on
+all weights (what MeZO, JOB and FedKSeed clients run); a MeZO step on LoRA weights
+(FedKSeed-LoRA); a FedIT step (LoRA + backprop + AdamW); a full-parameter backprop + AdamW
+step. The peak is the process's resident high-water mark (VmHWM), reset after the model is
+loaded, so it is the model plus whatever the step itself allocates. Reported with each case's
+ratio to inference. Target (survey Table I): ZO cases <= 1.10 x inference.
+
+    python -m benchmarks.memory [--model DIR] [--batch-size 16] [--seq-len 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+CASES = ("inference", "zo_full", "zo_lora", "fedit_lora_backprop", "full_backprop_adamw")
+
+
+def run_case(case: str, model_path: str, mirror: str | None, batch_size: int, seq_len: int) -> float:
+    import torch
+
+    from benchmarks.common import peak_rss_mb, real_batch, reset_peak_rss
+    from edgetune.config import LoraParams
+    from edgetune.federated import zo
+    from edgetune.federated.trainable import prepare_trainable
+    from edgetune.models import load_hf
+    from edgetune.scoring import classification_loss, label_token_ids
+
+    model, tok = load_hf(model_path)
+    batch, labels = real_batch(tok, mirror, batch_size, seq_len)
+    label_ids = label_token_ids(tok, (" negative", " positive"))
+    kind = {"zo_lora": "lora", "fedit_lora_backprop": "lora"}.get(case, "full")
+    model = prepare_trainable(model, kind, LoraParams())
+    params = zo.trainable(model)
+    opt = torch.optim.AdamW(params, lr=1e-5) if "backprop" in case else None
+    reset_peak_rss()
+    if case == "inference":
+        with torch.no_grad():
+            classification_loss(model, batch, labels, label_ids)
+    elif case.startswith("zo_"):
+        loss = lambda: classification_loss(model, batch, labels, label_ids)
+        g, _ = zo.projected_gradient(params, loss, seed=1, eps=1e-3)
+        zo.apply_update(params, 1, g, lr=1e-6)
+    else:
+        model.train()
+        classification_loss(model, batch, labels, label_ids).backward()
+        opt.step()
+    return peak_rss_mb()
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
+    p.add_argument("--mirror", help="data mirror folder (default: $EDGETUNE_DATA_MIRROR or hub)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=64)
+    args = p.parse_args(argv)
+    from benchmarks.common import model_dir, save
+
+    path = str(model_dir(args.model))
+    peaks = {}
+    for case in CASES:  # one fresh process per case: no allocator state carried over
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            peaks[case] = pool.submit(run_case, case, path, args.mirror, args.batch_size,
+                                      args.seq_len).result()
+        print(f"{case:24s} peak {peaks[case]:8.1f} MB  x{peaks[case] / peaks['inference']:.3f}")
+    results = {"peak_mb": peaks, "ratio_to_inference": {c: v / peaks["inference"] for c, v in peaks.items()}}
+    print(save("memory", results, {"model": path, "batch_size": args.batch_size, "seq_len": args.seq_len}))
+
+
+if __name__ == "__main__":
+    main()
