@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 
-METHODS = ("fedit", "mezo", "job", "fedkseed", "fedkseed-pro")
+METHODS = ("fedit", "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm")
 
 
 def main(argv=None) -> None:
@@ -37,8 +37,9 @@ def main(argv=None) -> None:
     params = load_params(args.params)
     path = str(model_dir(args.model))
     ds = get_task("sst2").load("train", resolve_mirror(args.mirror)).select(range(800))
+    prompts, labels = list(ds["prompt"]), list(ds["label"])
     n = params.partition.num_clients
-    clients = [ClientData(i, ds["prompt"][i::n], ds["label"][i::n]) for i in range(n)]
+    clients = [ClientData(i, prompts[i::n], labels[i::n]) for i in range(n)]
     results = {}
     for name in METHODS:
         cfg = params.finetune.model_copy(update={
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
         model, tok = load_hf(path)
         method = get_method(name)(cfg, tok, label_token_ids(tok, get_task("sst2").label_words))
         model = method.prepare_model(model)
-        use = [ClientData(0, ds["prompt"], ds["label"])] if method.centralized else clients
+        use = [ClientData(0, prompts, labels)] if method.centralized else clients
         _, history = run_federation(method, model, use, num_rounds=2,
                                     sample_rate=1.0 if method.centralized else cfg.sample_rate,
                                     seed=cfg.seed)

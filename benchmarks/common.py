@@ -34,12 +34,12 @@ def real_batch(tok, mirror: str | None, batch_size: int, seq_len: int):
     from edgetune.tasks import get_task, resolve_mirror
 
     ds = get_task("sst2").load("train", resolve_mirror(mirror)).select(range(batch_size))
-    enc = tok(ds["prompt"], return_tensors="pt", padding="max_length", truncation=True,
+    enc = tok(list(ds["prompt"]), return_tensors="pt", padding="max_length", truncation=True,
               max_length=seq_len)
     mask = enc["attention_mask"]
     return ({"input_ids": enc["input_ids"], "attention_mask": mask,
              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)},
-            torch.tensor(ds["label"]))
+            torch.tensor(list(ds["label"])))
 
 
 def reset_peak_rss() -> None:

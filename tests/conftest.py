@@ -62,4 +62,4 @@ def sst2_prompts(mirror):
     from edgetune.tasks import get_task
 
     ds = get_task("sst2").load("train", mirror).select(range(400))
-    return ds["prompt"], ds["label"]
+    return list(ds["prompt"]), list(ds["label"])

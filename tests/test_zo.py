@@ -72,3 +72,15 @@ def test_materialize_draws_exactly_what_perturb_adds(monkeypatch):
     zo.perturb(ps, 11, 1.0)
     torch.testing.assert_close(zo.materialize(ps, 11), torch.cat([p.flatten() for p in ps]),
                                atol=0, rtol=0)
+
+
+def test_fused_step_equals_gradient_then_update():
+    a, b = params(), params()
+    loss_a = lambda: 0.5 * sum((p ** 2).sum() for p in a)
+    loss_b = lambda: 0.5 * sum((p ** 2).sum() for p in b)
+    g_fused, _ = zo.step(a, loss_a, seed=3, eps=1e-3, lr=1e-2)
+    g, _ = zo.projected_gradient(b, loss_b, seed=3, eps=1e-3)
+    zo.apply_update(b, 3, g, lr=1e-2)
+    assert g_fused == g
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)

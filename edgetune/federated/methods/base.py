@@ -9,12 +9,14 @@ A method answers three questions and nothing else (the engine owns rounds, sampl
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 
 from edgetune.config import BadInput, FinetuneParams
 from edgetune.federated.engine import ClientData
 from edgetune.federated.protocol import Message
+from edgetune.federated.trainable import save_model
 
 METHODS: dict[str, type["FederatedMethod"]] = {}  # filled by register_method
 
@@ -54,8 +56,13 @@ class FederatedMethod(ABC):
         return {}
 
     @abstractmethod
+    def apply_global(self, model, state: dict[str, torch.Tensor]) -> None:
+        """Put the global state's weights into the model (for evaluation or export)."""
+
     def export(self, model, state: dict[str, torch.Tensor], out_dir) -> None:
-        """Write the final model as HF folders (out_dir/merged must load with from_pretrained)."""
+        """Write the final model as an HF folder out_dir/merged that from_pretrained loads."""
+        self.apply_global(model, state)
+        save_model(model, self.tok, Path(out_dir) / "merged")
 
 
 def register_method(name: str, cls: type[FederatedMethod]) -> None:

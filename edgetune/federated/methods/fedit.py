@@ -14,7 +14,7 @@ import torch
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.protocol import Message
-from edgetune.federated.trainable import save_model, wrap_lora
+from edgetune.federated.trainable import wrap_lora
 from edgetune.scoring import classification_loss, encode
 
 
@@ -67,10 +67,12 @@ class FedIT(FederatedMethod):
     def aggregate(self, state, replies):
         return weighted_mean([r.tensors for r in replies], [r.meta["num_samples"] for r in replies])
 
-    def export(self, model, state, out_dir):
+    def apply_global(self, model, state):
         from peft import set_peft_model_state_dict
 
-        out_dir = Path(out_dir)
         set_peft_model_state_dict(model, state)
-        model.save_pretrained(out_dir / "adapter")
-        save_model(model, self.tok, out_dir / "merged")
+
+    def export(self, model, state, out_dir):
+        self.apply_global(model, state)
+        model.save_pretrained(Path(out_dir) / "adapter")  # the adapter alone, as peft saves it
+        super().export(model, state, out_dir)

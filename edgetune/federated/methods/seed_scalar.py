@@ -14,7 +14,6 @@ Subclasses say how seeds are chosen (`client_seeds`), what the server keeps and 
 from __future__ import annotations
 
 from abc import abstractmethod
-from pathlib import Path
 
 import torch
 
@@ -24,7 +23,7 @@ from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.methods.fedit import sample_batch
 from edgetune.federated.protocol import Message
-from edgetune.federated.trainable import prepare_trainable, save_model
+from edgetune.federated.trainable import prepare_trainable
 from edgetune.scoring import classification_loss, encode
 
 
@@ -59,10 +58,11 @@ class SeedScalarMethod(FederatedMethod):
         for seed in seeds:
             prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
             batch = encode(self.tok, prompts, self.cfg.max_length)
-            g, loss = zo.projected_gradient(
+            g, loss = zo.step(
                 self.params, lambda: classification_loss(model, batch, labels, self.label_ids),
-                seed, self.cfg.zo.eps)
-            zo.apply_update(self.params, seed, g, self.cfg.zo.lr, self.cfg.weight_decay)
+                seed, self.cfg.zo.eps, self.cfg.zo.lr)
+            if self.cfg.weight_decay:
+                zo.apply_update(self.params, seed, 0.0, self.cfg.zo.lr, self.cfg.weight_decay)
             grads.append(g)
             losses.append(loss)
         zo.restore(self.params, saved)  # back to the global weights for the next client
@@ -92,10 +92,8 @@ class SeedScalarMethod(FederatedMethod):
         for seeds, grads in self.history(state):
             zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
 
-    def export(self, model, state, out_dir) -> None:
-        final = self.downlink(state)
-        self.sync(model, final)
-        save_model(model, self.tok, Path(out_dir) / "merged")
+    def apply_global(self, model, state) -> None:
+        self.sync(model, self.downlink(state))  # replay the last round's broadcast
 
 
 def weights_of(replies: list[Message]) -> list[float]:

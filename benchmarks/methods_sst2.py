@@ -1,0 +1,109 @@
+"""Federated methods side by side on SST-2 (issue 3): same partition, same round/step budget.
+
+For each method: run the federation through the real engine on the real model, then score
+SST-2 dev accuracy of the resulting global model (label-word logits), next to zero-shot.
+Reports per method: accuracy, first/last round train loss, bytes up+down per client per round,
+minutes. Uses the partition stage's output (data/partitions) so every method sees the same
+clients. Peak-memory ratios come from benchmarks/memory.py (one fresh process per case).
+
+    python -m benchmarks.methods_sst2 --methods fedit fedkseed --rounds 12 --local-steps 4 \
+        --set fedkseed:trainable=lora --set fedkseed:zo.lr=1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict]:
+    """'method:key.sub=value' -> {method: {key: {sub: value}}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        method, assignment = pair.split(":", 1)
+        key, value = assignment.split("=", 1)
+        node = out.setdefault(method, {})
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
+    p.add_argument("--partitions", default="data/partitions")
+    p.add_argument("--eval", default="data/prepared/eval.parquet")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--methods", nargs="+", default=["fedit", "mezo", "job", "fedkseed",
+                                                      "fedkseed-pro", "fwdllm"])
+    p.add_argument("--rounds", type=int)
+    p.add_argument("--local-steps", type=int)
+    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="per-method finetune override, e.g. fedkseed:zo.lr=1e-3 (repeatable)")
+    p.add_argument("--name", default="methods_sst2")
+    args = p.parse_args(argv)
+
+    import pandas as pd
+    import torch
+
+    from benchmarks.common import model_dir, save
+    from edgetune.config import FinetuneParams, load_params
+    from edgetune.federated.engine import ClientData, run_federation
+    from edgetune.federated.methods import get_method
+    from edgetune.federated.train import load_clients
+    from edgetune.models import load_hf
+    from edgetune.scoring import accuracy, label_token_ids
+
+    params = load_params(args.params)
+    path = str(model_dir(args.model))
+    clients = load_clients(args.partitions)
+    frame = pd.read_parquet(args.eval)
+    if args.max_eval:
+        frame = frame.head(args.max_eval)
+    prompts, gold = frame["prompt"].tolist(), frame["label"].astype(int).tolist()
+    overrides = parse_overrides(args.set)
+    budget = {k: v for k, v in {"num_rounds": args.rounds, "local_steps": args.local_steps}.items() if v}
+
+    model, tok = load_hf(path)
+    ids = label_token_ids(tok, (" negative", " positive"))
+    results = {"zero_shot": {"accuracy": accuracy(model, tok, prompts, gold, ids, 16, 128, "zero-shot")}}
+    print(f"zero-shot accuracy {results['zero_shot']['accuracy']:.4f}")
+    for name in args.methods:
+        raw = {**params.finetune.model_dump(), **budget, "method": name}
+        for key, value in overrides.get(name, {}).items():
+            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+        cfg = FinetuneParams.model_validate(raw)
+        torch.manual_seed(cfg.seed)
+        model, tok = load_hf(path)
+        method = get_method(name)(cfg, tok, ids)
+        model = method.prepare_model(model)
+        use = [ClientData(0, [q for c in clients for q in c.prompts], [y for c in clients for y in c.labels])] \
+            if method.centralized else clients
+        t0 = time.perf_counter()
+        state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
+                                        sample_rate=1.0 if method.centralized else cfg.sample_rate,
+                                        seed=cfg.seed)
+        minutes = (time.perf_counter() - t0) / 60
+        method.apply_global(model, state)
+        acc = accuracy(model, tok, prompts, gold, ids, 16, 128, name)
+        results[name] = {
+            "accuracy": acc, "trainable": cfg.trainable_set, "minutes": minutes,
+            "first_round_loss": history[0].train_loss, "last_round_loss": history[-1].train_loss,
+            "mean_loss_first_quarter": sum(h.train_loss for h in history[:max(1, len(history) // 4)]) / max(1, len(history) // 4),
+            "mean_loss_last_quarter": sum(h.train_loss for h in history[-max(1, len(history) // 4):]) / max(1, len(history) // 4),
+            "bytes_per_client_round": history[-1].bytes_up_per_client + history[-1].bytes_down_per_client,
+            "lr": cfg.zo.lr if name != "fedit" else cfg.lr,
+        }
+        print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()})
+    run_params = {"model": path, "methods": ",".join(args.methods), "eval_examples": len(prompts),
+                  **{f"budget.{k}": v for k, v in budget.items()}, "overrides": " ".join(args.set)}
+    print(save(args.name, results, run_params))
+
+
+if __name__ == "__main__":
+    main()
