@@ -156,7 +156,7 @@ def headline_metrics(folder: Path) -> dict[str, float]:
         "accuracy_zero_shot": "evaluate.base.accuracy",
         "accuracy_finetuned": "evaluate.finetuned.accuracy",
         "accuracy_compressed": "evaluate.compressed.accuracy",
-        "bytes_per_client_round": "finetune.bytes_up_per_client_round",
+        "bytes_per_client_round": "finetune.bytes_per_client_round",  # up + down, last round
         "size_mb_compressed": "evaluate.compressed.size_mb",
         "peak_rss_mb_finetuned": "evaluate.finetuned.peak_rss_mb",
     }

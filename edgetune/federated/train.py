@@ -57,6 +57,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         "first_train_loss": history[0].train_loss,
         "bytes_up_per_client_round": history[-1].bytes_up_per_client,
         "bytes_down_per_client_round": history[-1].bytes_down_per_client,
+        "bytes_per_client_round": history[-1].bytes_up_per_client + history[-1].bytes_down_per_client,
         "bytes_total": sum((h.bytes_up_per_client + h.bytes_down_per_client) * len(h.clients)
                            for h in history),
         "trainable_params": trainable,
