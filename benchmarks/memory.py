@@ -2,8 +2,8 @@
 
 Cases on the same real batch (SST-2 prompts, 16 x 64 tokens): inference only; a MeZO step on
 all weights (what MeZO, JOB and FedKSeed clients run); a MeZO step on LoRA weights
-(FedKSeed-LoRA); a FedIT step (LoRA + backprop + AdamW); a full-parameter backprop + AdamW
-step. The peak is the process's resident high-water mark (VmHWM), reset after the model is
+(FedKSeed-LoRA); a FwdLLM step (LoRA, 4 candidates materialized and scored by cosine, 2
+perturbations); a FedIT step (LoRA + backprop + AdamW); a full-parameter backprop + AdamW step. The peak is the process's resident high-water mark (VmHWM), reset after the model is
 loaded, so it is the model plus whatever the step itself allocates. Reported with each case's
 ratio to inference. Target (survey Table I): ZO cases <= 1.10 x inference.
 
@@ -16,7 +16,8 @@ import argparse
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
-CASES = ("inference", "zo_full", "zo_lora", "fedit_lora_backprop", "full_backprop_adamw")
+CASES = ("inference", "mezo_full", "fedkseed_lora", "fwdllm_lora", "fedit_lora_backprop",
+         "full_backprop_adamw")
 
 
 def run_case(case: str, model_path: str, mirror: str | None, batch_size: int, seq_len: int) -> float:
@@ -32,7 +33,7 @@ def run_case(case: str, model_path: str, mirror: str | None, batch_size: int, se
     model, tok = load_hf(model_path)
     batch, labels = real_batch(tok, mirror, batch_size, seq_len)
     label_ids = label_token_ids(tok, (" negative", " positive"))
-    kind = {"zo_lora": "lora", "fedit_lora_backprop": "lora"}.get(case, "full")
+    kind = "lora" if case.endswith("lora") or case == "fedit_lora_backprop" else "full"
     model = prepare_trainable(model, kind, LoraParams())
     params = zo.trainable(model)
     opt = torch.optim.AdamW(params, lr=1e-5) if "backprop" in case else None
@@ -40,10 +41,16 @@ def run_case(case: str, model_path: str, mirror: str | None, batch_size: int, se
     if case == "inference":
         with torch.no_grad():
             classification_loss(model, batch, labels, label_ids)
-    elif case.startswith("zo_"):
-        loss = lambda: classification_loss(model, batch, labels, label_ids)
-        g, _ = zo.projected_gradient(params, loss, seed=1, eps=1e-3)
-        zo.apply_update(params, 1, g, lr=1e-6)
+    elif case in ("mezo_full", "fedkseed_lora"):
+        zo.step(params, lambda: classification_loss(model, batch, labels, label_ids), 1, 1e-3, 1e-6)
+    elif case == "fwdllm_lora":
+        direction = zo.materialize(params, 0)  # the previous global update direction
+        scores = {s: abs(torch.nn.functional.cosine_similarity(zo.materialize(params, s), direction, dim=0))
+                  for s in range(1, 5)}
+        for seed in sorted(scores, key=scores.get)[-2:]:
+            g, _ = zo.projected_gradient(params, lambda: classification_loss(model, batch, labels, label_ids),
+                                         seed, 1e-3)
+            zo.apply_update(params, seed, g / 2, lr=1e-6)
     else:
         model.train()
         classification_loss(model, batch, labels, label_ids).backward()

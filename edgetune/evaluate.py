@@ -55,7 +55,7 @@ def latency_ms_per_token(model, tok, prompt: str, new_tokens: int, repeats: int 
 
 
 def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
-                   max_length: int = 128) -> dict[str, float]:
+                   max_length: int = 128, name: str | None = None) -> dict[str, float]:
     """All metrics of one model folder. Meant to run in its own process (see evaluate_isolated)."""
     import pandas as pd
     import torch
@@ -72,7 +72,7 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
     if cfg.max_examples:
         frame = frame.head(cfg.max_examples)
     label_ids = label_token_ids(tok, task.label_words)
-    name = Path(model_dir).name
+    name = name or Path(model_dir).name
     acc = accuracy(model, tok, frame["prompt"].tolist(), frame["label"].tolist(), label_ids,
                    batch_size=cfg.batch_size, max_length=max_length, progress=f"{name} accuracy")
     text = (Path(data_dir) / "wikitext2_test.txt").read_text()
@@ -90,7 +90,8 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
     }
 
 
-def evaluate_isolated(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams) -> dict:
+def evaluate_isolated(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
+                      name: str | None = None) -> dict:
     """evaluate_model in a fresh spawned process, so peak memory is this model's alone."""
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(evaluate_model, model_dir, data_dir, task_name, cfg).result()
+        return pool.submit(evaluate_model, model_dir, data_dir, task_name, cfg, 128, name).result()

@@ -17,7 +17,7 @@ def main(argv=None):
     with stage("evaluate", args.params, [args.data, *models.values()], [args.metrics]) as (params, _):
         from edgetune.evaluate import evaluate_isolated
 
-        results = {name: evaluate_isolated(path, args.data, params.data.task, params.evaluate)
+        results = {name: evaluate_isolated(path, args.data, params.data.task, params.evaluate, name)
                    for name, path in models.items()}
         if "base" in results and "finetuned" in results:
             results["gain_over_zero_shot"] = results["finetuned"]["accuracy"] - results["base"]["accuracy"]
