@@ -54,8 +54,11 @@ def peak_rss_mb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
-def save(name: str, results: dict, params: dict) -> Path:
-    """Write benchmarks/results/<name>.json and log the same numbers to MLflow."""
+def save(name: str, results: dict, params: dict, children: dict[str, dict] | None = None,
+         artifacts: list[Path] = ()) -> Path:
+    """Write benchmarks/results/<name>.json and log the same numbers to MLflow; `children`
+    (label -> params) adds one child run per label with results[label]'s metrics, so the
+    MLflow compare view lines the cases up."""
     from edgetune import tracking
 
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -69,5 +72,10 @@ def save(name: str, results: dict, params: dict) -> Path:
                                                "mlflow.source.git.commit": tracking.git_commit()}):
         mlflow.log_params(params)
         mlflow.log_metrics(tracking.numeric(results))
-        mlflow.log_artifact(str(path))
+        for artifact in [path, *artifacts]:
+            mlflow.log_artifact(str(artifact))
+        for label, child_params in (children or {}).items():
+            with mlflow.start_run(run_name=label, nested=True, tags={"edgetune.benchmark": name}):
+                mlflow.log_params(child_params)
+                mlflow.log_metrics(tracking.numeric(results[label]))
     return path

@@ -214,20 +214,123 @@ class FinetuneParams(Section):
 
 
 # --------------------------------------------------------------------------- compress
+class CalibrationParams(Section):
+    """Calibration text for one-shot compression and pruning importance: its own DVC stage
+    (`calibrate`), so changing a quantizer option does not rebuild it."""
+
+    source: Literal["wikitext2", "task"] = Field(
+        "wikitext2", description="wikitext2 (validation split) | task (the task's train prompts)")
+    samples: int = Field(64, ge=1, description="number of calibration sequences")
+    seq_len: int = Field(256, ge=16, description="tokens per calibration sequence")
+    seed: int = 0
+
+
 class Int8Step(Section):
     """int8 weight-only quantization of every Linear layer (torchao), for CPU inference."""
 
     method: Literal["int8"] = "int8"
 
 
-# More step types (GPTQ, SparseGPT, Wanda, structural pruning, GKD) join this union.
-CompressStep = Annotated[Int8Step, Field(discriminator="method")]
+class _WeightQuantStep(Section):
+    bits: Literal[4, 8] = Field(4, description="weight bits (activations stay 16/32-bit)")
+    group_size: int | None = Field(
+        64, ge=1, description="weights per quantization scale; must divide the model's widths "
+        "(64 for SmolLM2: 576 and 1536); null = one scale per output channel")
+    symmetric: bool = True
+
+
+class GPTQStep(_WeightQuantStep):
+    """GPTQ / OPTQ (Frantar et al., ICLR 2023) weight-only quantization with llmcompressor."""
+
+    method: Literal["gptq"] = "gptq"
+    dampening: float = Field(0.01, gt=0, description="Hessian dampening as a fraction of its mean diagonal")
+    block_size: int = Field(128, ge=1, description="columns quantized per GPTQ block")
+
+
+class RTNStep(_WeightQuantStep):
+    """Round-to-nearest weight quantization (llmcompressor, no calibration): GPTQ's baseline."""
+
+    method: Literal["rtn"] = "rtn"
+
+
+class _SparsityStep(Section):
+    sparsity: float = Field(0.5, gt=0, lt=1, description="share of each Linear's weights set to zero")
+    mask: Literal["unstructured", "2:4"] = Field(
+        "unstructured", description="unstructured, or 2:4 semi-structured (2 zeros in every 4; sparsity 0.5)")
+
+    @model_validator(mode="after")
+    def _two_four_is_half(self):
+        if self.mask == "2:4" and self.sparsity != 0.5:
+            raise ValueError(f"compress.steps: {self.method} mask '2:4' means sparsity 0.5, got {self.sparsity}")
+        return self
+
+
+class SparseGPTStep(_SparsityStep):
+    """SparseGPT (Frantar & Alistarh, ICML 2023): one-shot pruning with OBS weight updates (llmcompressor)."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    dampening: float = Field(0.01, gt=0, description="Hessian dampening as a fraction of its mean diagonal")
+
+
+class WandaStep(_SparsityStep):
+    """Wanda (Sun et al., ICLR 2024): prune by |weight| x input-activation norm, no update (llmcompressor)."""
+
+    method: Literal["wanda"] = "wanda"
+
+
+class MagnitudeStep(_SparsityStep):
+    """Magnitude pruning (smallest |weight| per output row, torch.nn.utils.prune): the one-shot baseline."""
+
+    method: Literal["magnitude"] = "magnitude"
+
+
+class StructuralStep(Section):
+    """LLM-Pruner-style structural pruning (Ma et al., NeurIPS 2023) with torch-pruning:
+    dependency groups, Taylor importance on calibration batches, LoRA recovery then merge."""
+
+    method: Literal["structural"] = "structural"
+    ratio: float = Field(0.2, gt=0, lt=0.9, description="share of the model's parameters removed")
+    importance: Literal["taylor", "magnitude"] = Field(
+        "taylor", description="taylor (first-order, |w * grad| on calibration batches) | magnitude")
+    recovery_steps: int = Field(100, ge=0, description="LoRA recovery steps on the task's train split (0 = none)")
+    recovery_lr: float = Field(1e-3, gt=0)
+    recovery_batch_size: int = Field(8, ge=1)
+    lora_r: int = Field(8, ge=1)
+    max_length: int = Field(64, ge=8, description="tokens per recovery example")
+    seed: int = 0
+
+
+class GKDStep(Section):
+    """Generalized knowledge distillation (Agarwal et al., ICLR 2024) with trl's GKDTrainer:
+    teacher = the model entering this step, student = every `keep_every`-th decoder layer of it."""
+
+    method: Literal["gkd"] = "gkd"
+    keep_every: int = Field(2, ge=2, description="student keeps decoder layers 0, k, 2k, ... of the teacher")
+    lmbda: float = Field(0.5, ge=0, le=1, description="share of on-policy (student-generated) batches")
+    beta: float = Field(0.5, ge=0, le=1, description="0 = forward KL, 1 = reverse KL, between = generalized JSD")
+    seq_kd: bool = Field(False, description="train on teacher-generated sequences (sequence-level KD)")
+    temperature: float = Field(0.9, gt=0, description="sampling temperature of generated sequences")
+    max_new_tokens: int = Field(8, ge=1, description="tokens generated per on-policy / seq_kd sequence")
+    steps: int = Field(200, ge=1, description="optimizer steps")
+    lr: float = Field(5e-5, gt=0)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(64, ge=8, description="prompt tokens kept per example")
+    seed: int = 0
+
+
+CompressStep = Annotated[
+    Int8Step | GPTQStep | RTNStep | SparseGPTStep | WandaStep | MagnitudeStep | StructuralStep | GKDStep,
+    Field(discriminator="method"),
+]
 
 
 class CompressParams(Section):
+    calibration: CalibrationParams = CalibrationParams()
     steps: list[CompressStep] = Field(
         default_factory=lambda: [Int8Step()], description="applied in order to the fine-tuned model"
     )
+    evaluate_steps: bool = Field(
+        True, description="measure every step's model (accuracy, perplexity, size, speed, memory)")
 
 
 # --------------------------------------------------------------------------- evaluate

@@ -60,7 +60,7 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
     import pandas as pd
     import torch
 
-    from edgetune.models import count_parameters, dir_size_bytes, load_hf
+    from edgetune.models import ADAPTER_BASE, count_parameters, is_adapter_folder, dir_size_bytes, linear_sparsity, load_hf, weight_bits
     from edgetune.scoring import accuracy, label_token_ids
     from edgetune.tasks import get_task
 
@@ -83,6 +83,8 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
         "perplexity": ppl,
         "size_mb": dir_size_bytes(model_dir) / 1e6,
         "params": count_parameters(model),
+        "sparsity": linear_sparsity(model),
+        "bits": weight_bits(model_dir if not is_adapter_folder(model_dir) else Path(model_dir) / ADAPTER_BASE),
         "latency_ms_per_token": ms,
         "tokens_per_s": 1000 / ms,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

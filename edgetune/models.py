@@ -92,8 +92,47 @@ def prepare_tokenizer(tok):
     return tok
 
 
+QUANT_BOOKKEEPING = ("_scale", "_zero_point", "_shape", "_g_idx", "_global_scale")
+
+
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Model weights, counted once each; a quantized layer's scales and shapes are not weights."""
+    return sum(p.numel() for n, p in model.named_parameters() if not n.endswith(QUANT_BOOKKEEPING))
+
+
+def decoder_linears(model):
+    """(name, Linear) for the Linear layers inside decoder blocks (what pruning targets)."""
+    import torch
+
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}" and hasattr(m, "weight")]
+
+
+def linear_sparsity(model) -> float:
+    """Share of exact zeros among the decoder Linear weights."""
+    import torch
+
+    zeros = total = 0
+    for _, m in decoder_linears(model):
+        w = m.weight.detach()
+        if type(w) is torch.Tensor and w.is_floating_point():  # not a quantized tensor subclass
+            zeros += (w == 0).sum().item()
+            total += w.numel()
+    return zeros / total if total else 0.0
+
+
+def weight_bits(model_dir: str | Path) -> int:
+    """Bits per decoder Linear weight as stored: the quantization config's, else the dtype's."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    quant = config.get("quantization_config") or {}
+    for group in (quant.get("config_groups") or {}).values():
+        if (group.get("weights") or {}).get("num_bits"):
+            return int(group["weights"]["num_bits"])
+    if quant.get("quant_method") == "torchao":
+        return 8
+    return {"float32": 32, "bfloat16": 16, "float16": 16}.get(config.get("dtype") or config.get("torch_dtype"), 32)
 
 
 def dir_size_bytes(path: str | Path) -> int:

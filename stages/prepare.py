@@ -1,5 +1,5 @@
 """prepare: load the task's train/eval splits (hub or local mirror) as prompt + label Parquet,
-plus the WikiText-2 test text used for perplexity."""
+plus the WikiText-2 test text (perplexity) and validation text (calibration)."""
 
 from pathlib import Path
 
@@ -8,12 +8,12 @@ from edgetune.cli import parser, run_main, stage, write_metrics
 
 def main(argv=None):
     p = parser(__doc__)
-    p.add_argument("--out", required=True, help="folder for train.parquet, eval.parquet, wikitext2_test.txt")
+    p.add_argument("--out", required=True, help="folder for train.parquet, eval.parquet, wikitext2_{test,valid}.txt")
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
     with stage("prepare", args.params, [], [args.out, args.metrics], section="data") as (params, _):
         from edgetune.tasks import get_task, resolve_mirror
-        from edgetune.tasks.wikitext2 import load_test_text
+        from edgetune.tasks.wikitext2 import load_text
 
         cfg = params.data
         task, mirror = get_task(cfg.task), resolve_mirror(cfg.mirror)
@@ -28,7 +28,8 @@ def main(argv=None):
         out.mkdir(parents=True)
         train.to_parquet(out / "train.parquet")
         evals.to_parquet(out / "eval.parquet")
-        (out / "wikitext2_test.txt").write_text(load_test_text(mirror), encoding="utf-8")
+        for split, name in (("test", "wikitext2_test.txt"), ("validation", "wikitext2_valid.txt")):
+            (out / name).write_text(load_text(split, mirror), encoding="utf-8")
         write_metrics(args.metrics, {"train_rows": len(train), "eval_rows": len(evals),
                                      "source": "mirror" if mirror else "hub"})
 

@@ -36,24 +36,27 @@ def tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A 2-layer, 64-wide Llama with SmolLM2's real tokenizer and vocabulary, saved as HF."""
+def save_tiny_llama(tokenizer_dir: Path, out: Path, num_layers: int = 2) -> Path:
+    """A `num_layers`-layer, 64-wide Llama with SmolLM2's real tokenizer and vocabulary, saved as HF."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
     )
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out)
+    LlamaForCausalLM(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A 2-layer, 64-wide Llama with SmolLM2's real tokenizer and vocabulary, saved as HF."""
+    return save_tiny_llama(tokenizer_dir, tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")

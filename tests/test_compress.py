@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from edgetune.compress import apply_steps
@@ -17,7 +18,7 @@ from tests.conftest import REPO
 def test_int8_is_smaller_close_and_reloads_in_a_fresh_process(tiny_model_dir, tmp_path):
     out = tmp_path / "int8"
     records = apply_steps(tiny_model_dir, [Int8Step()], out)
-    assert records == [{"method": "int8"}]
+    assert records == [{"method": "int8", "bits": 8}]
     from safetensors import safe_open
 
     with safe_open(out / "model.safetensors", "pt") as f:
@@ -44,3 +45,44 @@ def test_int8_is_smaller_close_and_reloads_in_a_fresh_process(tiny_model_dir, tm
 def test_no_steps_copies_the_model(tiny_model_dir, tmp_path):
     apply_steps(tiny_model_dir, [], tmp_path / "copy")
     assert (tmp_path / "copy" / "config.json").is_file()
+
+
+def prepared_dir(tmp_path, mirror, sst2_prompts):
+    """A prepare-stage folder: WikiText-2 validation text and 400 SST-2 train rows."""
+    import pandas as pd
+
+    from edgetune.tasks.wikitext2 import load_text
+
+    (tmp_path / "wikitext2_valid.txt").write_text(load_text("validation", mirror)[:100_000])
+    prompts, labels = sst2_prompts
+    pd.DataFrame({"prompt": prompts, "label": labels}).to_parquet(tmp_path / "train.parquet")
+    return tmp_path
+
+
+def test_calibration_windows_are_seeded_sized_and_from_the_chosen_source(tmp_path, mirror, sst2_prompts,
+                                                                          tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from edgetune.compress import calibration
+    from edgetune.config import CalibrationParams
+
+    data, tok = prepared_dir(tmp_path, mirror, sst2_prompts), AutoTokenizer.from_pretrained(tokenizer_dir)
+    wiki = calibration.build(CalibrationParams(samples=6, seq_len=32, seed=1), data, tok)
+    assert len(wiki) == 6 and {len(w) for w in wiki} == {32}
+    assert wiki == calibration.build(CalibrationParams(samples=6, seq_len=32, seed=1), data, tok)
+    assert wiki != calibration.build(CalibrationParams(samples=6, seq_len=32, seed=2), data, tok)
+    task = calibration.build(CalibrationParams(source="task", samples=6, seq_len=32), data, tok)
+    assert sum("Sentiment:" in tok.decode(w) for w in task) >= 3
+    calibration.save(wiki, tmp_path / "calib")
+    assert calibration.load(tmp_path / "calib") == wiki
+
+
+def test_calibration_longer_than_the_text_names_the_key(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from edgetune.compress import calibration
+    from edgetune.config import BadInput, CalibrationParams
+
+    (tmp_path / "wikitext2_valid.txt").write_text("just a few words")
+    with pytest.raises(BadInput, match="compress.calibration.seq_len"):
+        calibration.build(CalibrationParams(seq_len=64), tmp_path, AutoTokenizer.from_pretrained(tokenizer_dir))

@@ -26,9 +26,11 @@ SMALL = {
     "data": {"max_train": 400, "max_eval": 48},
     "partition": {"num_clients": 4, "alpha": 0.5, "min_size": 10},
     "finetune": {"num_rounds": 2, "local_steps": 2, "batch_size": 4},
+    "compress": {"calibration": {"samples": 8, "seq_len": 64}},
     "evaluate": {"ppl_windows": 2, "ppl_seq_len": 128, "latency_new_tokens": 4},
     "tracking": {"experiment": "e2e"},
 }
+STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "evaluate"}
 
 
 def run(cmd, cwd, env, timeout=900):
@@ -69,7 +71,7 @@ def mlflow_runs(root: Path):
 
 def test_flow_runs_every_stage_and_tracks_it_in_mlflow(project):
     root, _, output = project
-    assert ran_stages(output) == {"model", "prepare", "partition", "finetune", "compress", "evaluate"}
+    assert ran_stages(output) == STAGES
     client, runs = mlflow_runs(root)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
@@ -81,7 +83,7 @@ def test_flow_runs_every_stage_and_tracks_it_in_mlflow(project):
         assert key in parent.data.metrics, key
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.data.tags["edgetune.stage"] for r in children) == sorted(
-        ["model", "prepare", "partition", "finetune", "compress", "evaluate"])
+        ["model", "prepare", "calibrate", "partition", "finetune", "compress", "evaluate"])
     assert all(r.data.tags["edgetune.cached"] == "false" for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
     finetune = next(r for r in children if r.data.tags["edgetune.stage"] == "finetune")
@@ -134,7 +136,7 @@ def test_rerun_of_the_flow_links_cached_stages(project):
     _, runs = mlflow_runs(root)
     parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][-1]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(children) == 6 and all(r.data.tags["edgetune.cached"] == "true" for r in children)
+    assert len(children) == len(STAGES) and all(r.data.tags["edgetune.cached"] == "true" for r in children)
     assert parent.data.params["finetune.lr"] == "0.002"
     assert "accuracy_finetuned" in parent.data.metrics
     assert all(r.info.status == "FINISHED" for r in runs)
@@ -161,6 +163,36 @@ def test_switching_to_prefix_tuning_runs_end_to_end_and_reloads(project):
                 "print([type(load_hf(p)[0]).__name__ for p in sys.argv[1:]])")
         rc, out = run([sys.executable, "-c", code, "models/finetuned/merged", "models/compressed"], root, env)
         assert rc == 0 and out.count("PeftModel") == 2, out[-2000:]
+    finally:
+        (root / "params.yaml").write_text(original)
+
+
+def test_a_compression_chain_reruns_compress_only_and_reloads(project):
+    """structural pruning + recovery -> GPTQ W4: the calibration stage stays cached, every step
+    is measured, and the final folder reloads with a plain from_pretrained."""
+    root, env, _ = project
+    original = (root / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["compress"]["steps"] = [
+        {"method": "structural", "ratio": 0.2, "recovery_steps": 2, "recovery_batch_size": 4},
+        {"method": "gptq", "bits": 4, "group_size": 64},
+    ]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
+        assert rc == 0, output[-4000:]
+        assert ran_stages(output) == {"compress", "evaluate"}
+        steps = json.loads((root / "metrics" / "compress.json").read_text())["steps"]
+        pruned, quantized = steps["0_structural"], steps["1_gptq"]
+        assert pruned["params_removed_share"] == pytest.approx(0.2, abs=0.01)
+        assert pruned["params"] == quantized["params"] < 0.81 * pruned["params_before"]
+        assert (pruned["bits"], quantized["bits"]) == (32, 4)
+        assert quantized["size_mb"] < 0.5 * pruned["size_mb"]
+        assert all(0.4 < s["accuracy"] <= 1 and s["perplexity"] > 1 for s in (pruned, quantized))
+        code = ("import sys; from transformers import AutoModelForCausalLM as M; "
+                "m = M.from_pretrained(sys.argv[1]); print(m.config.intermediate_size)")
+        rc, out = run([sys.executable, "-c", code, "models/compressed"], root, env)
+        assert rc == 0 and out.strip().splitlines()[-1] == "1024", out[-2000:]
     finally:
         (root / "params.yaml").write_text(original)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def int8_weight_only(src: Path, dst: Path, step) -> None:
+def int8_weight_only(src: Path, dst: Path, step, ctx=None) -> dict:
     """int8 weight-only quantization of all Linear layers with torchao (per-channel symmetric
     scales, activations stay float): ~4x smaller Linear weights, CPU-friendly. Saved through
     transformers' TorchAoConfig, so the folder reloads with a plain from_pretrained()."""
@@ -18,3 +18,4 @@ def int8_weight_only(src: Path, dst: Path, step) -> None:
     )
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    return {"bits": 8}

@@ -1,0 +1,173 @@
+"""Compression recipes side by side on one model: size, parameters, sparsity, bits, WikiText-2
+perplexity, task accuracy, CPU tokens/s and peak memory.
+
+Each recipe is a `compress.steps` list run through the pipeline's own `apply_steps`; each result
+folder is then measured in a fresh process (`evaluate_isolated`, as the evaluate stage does) and
+its accuracy re-measured in another fresh process from the saved folder alone, to show that it
+reloads and reproduces what was logged.
+
+    python -m benchmarks.compression --model models/finetuned/merged --data data/prepared
+    python -m benchmarks.compression --recipes fp32 gptq_w4 rtn_w4     # a subset
+
+Writes benchmarks/results/compression.json (+ a size-vs-perplexity plot) and one MLflow run
+with a child run per recipe. Finished recipes are kept in compression.tmp, so an interrupted
+run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from benchmarks.common import CACHE, RESULTS, model_dir, save
+
+GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 64}
+STRUCTURAL = {"method": "structural", "ratio": 0.2, "recovery_steps": 100}
+
+# label -> compress.steps
+RECIPES: dict[str, list[dict]] = {
+    "fp32": [],
+    "gptq_w4": [GPTQ4],
+    "rtn_w4": [{"method": "rtn", "bits": 4, "group_size": 64}],
+    "gptq_w8": [{"method": "gptq", "bits": 8, "group_size": 64}],
+    "int8_torchao": [{"method": "int8"}],
+    "sparsegpt_50": [{"method": "sparsegpt", "sparsity": 0.5}],
+    "wanda_50": [{"method": "wanda", "sparsity": 0.5}],
+    "magnitude_50": [{"method": "magnitude", "sparsity": 0.5}],
+    "sparsegpt_2of4": [{"method": "sparsegpt", "sparsity": 0.5, "mask": "2:4"}],
+    "magnitude_2of4": [{"method": "magnitude", "sparsity": 0.5, "mask": "2:4"}],
+    "structural_20_no_recovery": [{**STRUCTURAL, "recovery_steps": 0}],
+    "structural_20": [STRUCTURAL],
+    "gkd_student": [{"method": "gkd", "keep_every": 2, "steps": 200}],
+    "structural_20+gptq_w4": [STRUCTURAL, GPTQ4],
+}
+
+
+def reload_accuracy(folder: str, data_dir: str, task: str, batch_size: int) -> float:
+    """Task accuracy of a saved folder, in a process that has seen nothing but the folder."""
+    import pandas as pd
+
+    from edgetune.models import load_hf
+    from edgetune.scoring import accuracy, label_token_ids
+    from edgetune.tasks import get_task
+
+    model, tok = load_hf(folder)
+    frame = pd.read_parquet(Path(data_dir) / "eval.parquet")
+    ids = label_token_ids(tok, get_task(task).label_words)
+    return accuracy(model, tok, frame["prompt"].tolist(), frame["label"].tolist(), ids, batch_size)
+
+
+def in_fresh_process(fn, *args):
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_recipe(label: str, specs: list[dict], model: Path, data: Path, ctx, eval_cfg, task: str) -> dict:
+    from edgetune.compress import apply_steps
+    from edgetune.config import parse_params
+    from edgetune.evaluate import evaluate_isolated
+
+    steps = parse_params({"compress": {"steps": specs}}).compress.steps
+    out = CACHE / "compression" / label.replace(":", "_")
+    if out.exists():
+        import shutil
+
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    records = apply_steps(model, steps, out, ctx)
+    compress_seconds = time.perf_counter() - start
+    metrics = evaluate_isolated(str(out), str(data), task, eval_cfg, name=label)
+    reloaded = in_fresh_process(reload_accuracy, str(out), str(data), task, eval_cfg.batch_size)
+    return {"recipe": " -> ".join(s["method"] for s in specs) or "none", "steps": records,
+            "compress_seconds": compress_seconds, **metrics, "accuracy_reloaded": reloaded}
+
+
+def add_ratios(results: dict) -> None:
+    """Each recipe against fp32, from this one run: size, perplexity, speed, accuracy kept."""
+    ref = results.get("fp32")
+    if not ref:
+        return
+    for r in results.values():
+        r["size_ratio"] = r["size_mb"] / ref["size_mb"]
+        r["perplexity_ratio"] = r["perplexity"] / ref["perplexity"]
+        r["speedup"] = r["tokens_per_s"] / ref["tokens_per_s"]
+        r["accuracy_kept"] = r["accuracy"] / ref["accuracy"]
+
+
+def plot(results: dict, path: Path) -> None:
+    """Size on disk vs WikiText-2 perplexity, one labelled point per recipe."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in results.items():
+        ax.scatter(r["size_mb"], r["perplexity"])
+        ax.annotate(label, (r["size_mb"], r["perplexity"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("size on disk (MB)")
+    ax.set_ylabel("WikiText-2 perplexity (lower is better)")
+    ax.set_yscale("log")
+    ax.set_title("Compression recipes on the fine-tuned model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="HF folder to compress (default: models/finetuned/merged, "
+                   "else models/base or the packaged SmolLM2)")
+    p.add_argument("--data", default="data/prepared", help="prepared data folder (the prepare stage)")
+    p.add_argument("--task", default="sst2")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--calibration-samples", type=int, default=128)
+    p.add_argument("--calibration-seq-len", type=int, default=256)
+    p.add_argument("--ppl-windows", type=int, default=32, help="WikiText-2 test windows of 256 tokens")
+    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
+    p.add_argument("--name", default="compression")
+    args = p.parse_args(argv)
+
+    from transformers import AutoTokenizer
+
+    from edgetune.compress import CompressContext, calibration
+    from edgetune.config import CalibrationParams, EvaluateParams
+
+    finetuned = Path("models/finetuned/merged")
+    model = Path(args.model) if args.model else (finetuned if (finetuned / "config.json").is_file()
+                                                 else model_dir(None))
+    data = Path(args.data)
+    calib_cfg = CalibrationParams(samples=args.calibration_samples, seq_len=args.calibration_seq_len)
+    ctx = CompressContext(calibration=calibration.build(calib_cfg, data, AutoTokenizer.from_pretrained(model)),
+                          data_dir=data, task=args.task)
+    eval_cfg = EvaluateParams(ppl_windows=args.ppl_windows, max_examples=args.max_eval)
+    partial = RESULTS / f"{args.name}.tmp"
+    results = json.loads(partial.read_text()) if partial.is_file() else {}
+    for label in args.recipes:
+        if label in results:
+            print(f"{label}: kept from {partial}")
+            continue
+        results[label] = run_recipe(label, RECIPES[label], model, data, ctx, eval_cfg, args.task)
+        print(f"{label}: " + ", ".join(f"{k} {results[label][k]:.4g}" for k in
+                                       ("accuracy", "perplexity", "size_mb", "tokens_per_s")))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(results, indent=2))
+    add_ratios(results)
+    plot(results, RESULTS / f"{args.name}.png")
+    params = {"model": str(model), "task": args.task, "calibration": calib_cfg.model_dump(),
+              "evaluate": eval_cfg.model_dump(), "recipes": {k: RECIPES[k] for k in args.recipes}}
+    path = save(args.name, results, {k: json.dumps(v) if isinstance(v, dict) else v for k, v in params.items()},
+                children={label: {"recipe": r["recipe"]} for label, r in results.items()},
+                artifacts=[RESULTS / f"{args.name}.png"])
+    partial.unlink(missing_ok=True)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
