@@ -73,7 +73,7 @@ def run_recipe(label: str, specs: list[dict], model: Path, data: Path, ctx, eval
     from edgetune.evaluate import evaluate_isolated
 
     steps = parse_params({"compress": {"steps": specs}}).compress.steps
-    out = CACHE / "compression" / label.replace(":", "_")
+    out = CACHE / "compression" / label
     if out.exists():
         import shutil
 
@@ -86,6 +86,29 @@ def run_recipe(label: str, specs: list[dict], model: Path, data: Path, ctx, eval
     reloaded = in_fresh_process(reload_accuracy, str(out), str(data), task, eval_cfg.batch_size)
     return {"recipe": " -> ".join(s["method"] for s in specs) or "none", "steps": records,
             "compress_seconds": compress_seconds, **metrics, "accuracy_reloaded": reloaded}
+
+
+def generation_speed(folder: str, prompt: str, new_tokens: int, repeats: int) -> float:
+    """ms per generated token at batch 1 (median of `repeats`), in a fresh process."""
+    from edgetune.evaluate import latency_ms_per_token
+    from edgetune.models import load_hf
+
+    model, tok = load_hf(folder)
+    return latency_ms_per_token(model, tok, prompt, new_tokens, repeats)
+
+
+def measure_speed_back_to_back(results: dict, data: Path, new_tokens: int = 64, repeats: int = 5) -> None:
+    """Re-time every recipe's generation one after another at the end, so the speed ratios come
+    from one stretch of machine time (the per-recipe timings above are minutes apart on a shared
+    CPU). Overwrites latency_ms_per_token / tokens_per_s."""
+    import pandas as pd
+
+    prompt = pd.read_parquet(data / "eval.parquet")["prompt"].iloc[0]
+    for label, r in results.items():
+        folder = str(CACHE / "compression" / label)
+        ms = in_fresh_process(generation_speed, folder, prompt, new_tokens, repeats)
+        r.update(latency_ms_per_token=ms, tokens_per_s=1000 / ms)
+        print(f"{label}: {1000 / ms:.1f} tokens/s")
 
 
 def add_ratios(results: dict) -> None:
@@ -158,6 +181,7 @@ def main(argv=None) -> None:
                                        ("accuracy", "perplexity", "size_mb", "tokens_per_s")))
         RESULTS.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(results, indent=2))
+    measure_speed_back_to_back(results, data)
     add_ratios(results)
     plot(results, RESULTS / f"{args.name}.png")
     params = {"model": str(model), "task": args.task, "calibration": calib_cfg.model_dump(),

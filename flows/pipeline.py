@@ -118,6 +118,7 @@ def build_flow():
         with mlflow.start_run(run_name="pipeline", tags={
             "edgetune.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(),
             "edgetune.method": params.finetune.method, "edgetune.task": params.data.task,
+            "edgetune.compress": " -> ".join(s.method for s in params.compress.steps) or "none",
         }) as parent:
             mlflow.log_params(flatten(params))
             os.environ[tracking.PARENT_ENV] = parent.info.run_id
@@ -143,7 +144,7 @@ def build_flow():
 
 
 def section_params(params, stage: str) -> dict[str, object]:
-    section = {"prepare": "data"}.get(stage, stage)
+    section = {"prepare": "data", "calibrate": "compress.calibration"}.get(stage, stage)
     return {k: v for k, v in flatten(params).items() if k.startswith(section + ".")}
 
 
@@ -158,6 +159,8 @@ def headline_metrics(folder: Path) -> dict[str, float]:
         "accuracy_compressed": "evaluate.compressed.accuracy",
         "bytes_per_client_round": "finetune.bytes_per_client_round",  # up + down, last round
         "size_mb_compressed": "evaluate.compressed.size_mb",
+        "perplexity_compressed": "evaluate.compressed.perplexity",
+        "tokens_per_s_compressed": "evaluate.compressed.tokens_per_s",
         "peak_rss_mb_finetuned": "evaluate.finetuned.peak_rss_mb",
     }
     metrics.update({a: metrics[k] for a, k in aliases.items() if k in metrics})

@@ -86,3 +86,30 @@ def test_calibration_longer_than_the_text_names_the_key(tmp_path, tokenizer_dir)
     (tmp_path / "wikitext2_valid.txt").write_text("just a few words")
     with pytest.raises(BadInput, match="compress.calibration.seq_len"):
         calibration.build(CalibrationParams(seq_len=64), tmp_path, AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def test_compress_stage_rejects_a_chain_step_before_loading_any_weights(tiny_model_dir, tmp_path):
+    """structural then GPTQ with a group size that divides the model now but not after pruning:
+    exit 2 with one line naming the step, no output for DVC, no MLflow run left RUNNING."""
+    import mlflow
+    import yaml
+
+    from edgetune.compress import calibration
+
+    steps = [{"method": "structural", "ratio": 0.00095, "recovery_steps": 0},
+             {"method": "gptq", "bits": 4, "group_size": 16}]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"compress": {"steps": steps}}))
+    calibration.save([[1, 2, 3, 4]] * 2, tmp_path / "calib")
+    (tmp_path / "data").mkdir()
+    cmd = [sys.executable, "-m", "stages.compress", "--params", str(tmp_path / "params.yaml"),
+           "--model", str(tiny_model_dir), "--data", str(tmp_path / "data"), "--calibration",
+           str(tmp_path / "calib"), "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")]
+    env = {**__import__("os").environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "gptq group_size 16" in errors[0] and "intermediate_size 120" in errors[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "m.json").exists()
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs and all(r.info.status == "FAILED" for r in runs)

@@ -46,6 +46,23 @@ def step_function(method: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
+def preflight(src: Path, steps) -> None:
+    """Check every step against the model's config before any weight is loaded: a quantization
+    group size must divide the widths the model will have when that step runs (a structural
+    step before it narrows the MLP), and a structural ratio must be reachable."""
+    from edgetune.compress.oneshot import check_group_size, model_widths
+
+    widths = model_widths(src)
+    for step in steps:
+        if step.method == "structural":
+            from edgetune.compress.structural import plan_mlp_pruning
+
+            plan = plan_mlp_pruning(src, step.ratio)
+            widths["intermediate_size"] = plan.width - plan.channels
+        if getattr(step, "group_size", None) is not None:
+            check_group_size(widths, step)
+
+
 def apply_steps(src: Path, steps, out: Path, ctx: CompressContext | None = None,
                 on_step: Callable[[int, object, Path, dict], None] | None = None) -> list[dict]:
     """Apply `steps` in order from `src`; the last step's folder becomes `out`.
@@ -58,6 +75,7 @@ def apply_steps(src: Path, steps, out: Path, ctx: CompressContext | None = None,
     if is_adapter_folder(src):
         shutil.copytree(src, out, ignore=lambda d, names: [ADAPTER_BASE] if Path(d) == Path(src) else [])
         return apply_steps(Path(src) / ADAPTER_BASE, steps, out / ADAPTER_BASE, ctx, on_step)
+    preflight(Path(src), steps)
     records = []
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         current = Path(src)

@@ -25,12 +25,16 @@ LINEAR_TARGETS = ["Linear"]
 KEEP_FLOAT = ["lm_head"]  # tied to the embeddings in SmolLM2; quantizing it would untie them
 
 
-def check_group_size(src: Path, step) -> None:
+def model_widths(src: Path) -> dict[str, int]:
+    """The input widths of the model's Linear layers, from its config.json (no weights)."""
+    config = json.loads((Path(src) / "config.json").read_text())
+    return {k: config[k] for k in ("hidden_size", "intermediate_size") if k in config}
+
+
+def check_group_size(widths: dict[str, int], step) -> None:
     """A quantization group must divide every Linear's input width (hidden, intermediate)."""
     if step.group_size is None:
         return
-    config = json.loads((Path(src) / "config.json").read_text())
-    widths = {k: config[k] for k in ("hidden_size", "intermediate_size") if k in config}
     bad = {k: w for k, w in widths.items() if w % step.group_size}
     if bad:
         raise BadInput(
@@ -85,7 +89,7 @@ def gptq(src: Path, dst: Path, step, ctx) -> dict:
     Hessian of the layer's calibration inputs to cancel the rounding error."""
     from llmcompressor.modifiers.gptq import GPTQModifier
 
-    check_group_size(src, step)
+    check_group_size(model_widths(src), step)
     modifier = GPTQModifier(config_groups=weight_scheme(step), ignore=KEEP_FLOAT,
                             dampening_frac=step.dampening, block_size=step.block_size)
     run_oneshot(src, dst, modifier, ctx)
@@ -96,7 +100,7 @@ def rtn(src: Path, dst: Path, step, ctx) -> dict:
     """Round-to-nearest: the same scheme as GPTQ with min-max scales and no error correction."""
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
-    check_group_size(src, step)
+    check_group_size(model_widths(src), step)
     run_oneshot(src, dst, QuantizationModifier(config_groups=weight_scheme(step), ignore=KEEP_FLOAT),
                 ctx, calibrate=False)
     return {"bits": step.bits}

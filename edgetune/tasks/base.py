@@ -20,7 +20,8 @@ TASKS: dict[str, "Task"] = {}
 
 @dataclass(frozen=True)
 class Task:
-    """A task: `load(split, mirror)` gives a datasets.Dataset with columns `prompt` and `label`."""
+    """A task: `load(split, mirror)` gives a datasets.Dataset with a `prompt` column, plus
+    `label` (ClassificationTask) or `target` and `answers` (GenerationTask)."""
 
     name: str
     hub_id: str
@@ -39,6 +40,25 @@ class ClassificationTask(Task):
     the prediction is the label word whose first token has the highest logit after the prompt."""
 
     label_words: tuple[str, ...] = ()
+
+
+# Metrics a generation task can name; edgetune.generation.score computes them.
+GENERATION_METRICS = ("squad", "rougeL")
+
+
+@dataclass(frozen=True)
+class GenerationTask(Task):
+    """Answer generation scored against reference answers. `load` gives columns `prompt`
+    (ends where the answer starts), `target` (the training answer: the first reference) and
+    `answers` (every reference, for the metric), plus task-specific extras."""
+
+    metric: str = "squad"        # "squad" (exact match + F1) | "rougeL"
+    max_new_tokens: int = 32     # greedy tokens generated per prompt at evaluation
+
+    def __post_init__(self):
+        if self.metric not in GENERATION_METRICS:
+            raise ValueError(f"task {self.name}: unknown metric {self.metric!r}; "
+                             f"expected one of {GENERATION_METRICS}")
 
 
 def register_task(task: Task) -> Task:
