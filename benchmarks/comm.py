@@ -31,9 +31,8 @@ def main(argv=None) -> None:
     from benchmarks.common import model_dir, save
     from edgetune.config import ZO_METHODS, load_params
     from edgetune.federated.engine import ClientData, run_federation
-    from edgetune.federated.methods import get_method
+    from edgetune.federated.methods import build_method
     from edgetune.models import load_hf
-    from edgetune.scoring import label_token_ids
     from edgetune.tasks import get_task, resolve_mirror
 
     params = load_params(args.params)
@@ -48,7 +47,7 @@ def main(argv=None) -> None:
             "method": name, "num_rounds": 2, "trainable": "lora" if name in ZO_METHODS else "auto"})
         torch.manual_seed(cfg.seed)
         model, tok = load_hf(path)
-        method = get_method(name)(cfg, tok, label_token_ids(tok, get_task("sst2").label_words))
+        method = build_method(cfg, tok, get_task("sst2"))
         model = method.prepare_model(model)
         use = [ClientData(0, prompts, labels)] if method.centralized else clients
         _, history = run_federation(method, model, use, num_rounds=2,

@@ -64,7 +64,7 @@ def main(argv=None) -> None:
     from benchmarks.common import RESULTS, model_dir, save
     from edgetune.config import ZO_METHODS, FinetuneParams, load_params
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.methods import get_method
+    from edgetune.federated.methods import build_method, get_method
     from edgetune.federated.train import centralize, load_clients
     from edgetune.models import load_hf
     from edgetune.scoring import accuracy, label_token_ids
@@ -99,7 +99,7 @@ def main(argv=None) -> None:
             use, rate, cfg = centralize(clients, cfg)
         torch.manual_seed(cfg.seed)
         model, tok = load_hf(path)
-        method = get_method(cfg.method)(cfg, tok, ids)
+        method = build_method(cfg, tok, get_task(args.task))
         model = method.prepare_model(model)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from edgetune.config import BadInput, Params, flatten, load_params
+from edgetune.config import BadInput, flatten, load_params
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:

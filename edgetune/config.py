@@ -43,7 +43,9 @@ class ModelParams(Section):
 
 # --------------------------------------------------------------------------- data (prepare)
 class DataParams(Section):
-    task: Literal["sst2", "qnli"] = Field("sst2", description="task module under edgetune/tasks")
+    task: Literal["sst2", "qnli", "squad", "drop", "dolly"] = Field(
+        "sst2", description="task module under edgetune/tasks (classification: sst2, qnli; "
+        "generation: squad, drop, dolly)")
     mirror: str | None = Field(
         None,
         description="local mirror folder of the datasets (e.g. ../shared/data); null = env "

@@ -1,4 +1,5 @@
-"""Evaluate a saved HF model: task accuracy, WikiText-2 perplexity, size, latency, peak memory.
+"""Evaluate a saved HF model: the task's metric (accuracy, EM / F1, ROUGE-L), WikiText-2
+perplexity, size, sparsity, bits, latency, peak memory.
 
 Each model is evaluated in a fresh spawned process, so its peak resident memory (ru_maxrss) is
 its own and not inflated by models evaluated before it in the same stage.
@@ -54,14 +55,38 @@ def latency_ms_per_token(model, tok, prompt: str, new_tokens: int, repeats: int 
     return 1000 * statistics.median(timings) / new_tokens
 
 
+def task_metrics(task, model, tok, frame, cfg: EvaluateParams, max_length: int,
+                 name: str) -> dict[str, float]:
+    """The task's own metrics on `frame`: accuracy (label-word logits) for classification;
+    greedy answers scored by the task's metric (EM / F1, ROUGE-L) for generation. `score` repeats
+    the task's primary metric, so runs of different tasks sort on one column."""
+    from edgetune.tasks import GenerationTask
+
+    prompts = frame["prompt"].tolist()
+    if isinstance(task, GenerationTask):
+        from edgetune.generation import generate_answers, score
+
+        answers = generate_answers(model, tok, prompts, task.max_new_tokens, cfg.batch_size,
+                                   progress=f"{name} answers", stop=task.stop)
+        metrics = score(task.metric, answers, [list(a) for a in frame["answers"]])
+    else:
+        from edgetune.scoring import accuracy, label_token_ids
+
+        label_ids = label_token_ids(tok, task.label_words)
+        metrics = {"accuracy": accuracy(model, tok, prompts, frame["label"].tolist(), label_ids,
+                                        batch_size=cfg.batch_size, max_length=max_length,
+                                        progress=f"{name} accuracy")}
+    return {**metrics, "score": metrics[task.primary_metric]}
+
+
 def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
                    max_length: int = 128, name: str | None = None) -> dict[str, float]:
     """All metrics of one model folder. Meant to run in its own process (see evaluate_isolated)."""
     import pandas as pd
     import torch
 
-    from edgetune.models import ADAPTER_BASE, count_parameters, is_adapter_folder, dir_size_bytes, linear_sparsity, load_hf, weight_bits
-    from edgetune.scoring import accuracy, label_token_ids
+    from edgetune.models import (ADAPTER_BASE, count_parameters, dir_size_bytes, is_adapter_folder,
+                                 linear_sparsity, load_hf, weight_bits)
     from edgetune.tasks import get_task
 
     if cfg.threads:
@@ -71,15 +96,13 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
     frame = pd.read_parquet(Path(data_dir) / "eval.parquet")
     if cfg.max_examples:
         frame = frame.head(cfg.max_examples)
-    label_ids = label_token_ids(tok, task.label_words)
     name = name or Path(model_dir).name
-    acc = accuracy(model, tok, frame["prompt"].tolist(), frame["label"].tolist(), label_ids,
-                   batch_size=cfg.batch_size, max_length=max_length, progress=f"{name} accuracy")
+    metrics = task_metrics(task, model, tok, frame, cfg, max_length, name)
     text = (Path(data_dir) / "wikitext2_test.txt").read_text()
     ppl = perplexity(model, tok, text, cfg.ppl_windows, cfg.ppl_seq_len)
     ms = latency_ms_per_token(model, tok, frame["prompt"].iloc[0], cfg.latency_new_tokens)
     return {
-        "accuracy": acc,
+        **metrics,
         "perplexity": ppl,
         "size_mb": dir_size_bytes(model_dir) / 1e6,
         "params": count_parameters(model),

@@ -55,24 +55,30 @@ def encode_answers(tok, prompts: list[str], targets: list[str], max_length: int,
     return {"input_ids": input_ids, "attention_mask": mask, "position_ids": position_ids, "labels": labels}
 
 
-def answer_loss(model, tok, prompts: list[str], targets: list[str], max_length: int,
-                reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of the target tokens given the prompt: the mean over all target tokens of
-    the batch ("mean"), or each row's mean (reduction="none", shape (batch,)). The target ends
-    with the token generation stops at, so training teaches the model where to stop."""
+def answer_batch_loss(model, batch: dict[str, torch.Tensor], reduction: str = "mean", **forward_kwargs):
+    """(loss, model output) of an `encode_answers` batch: cross-entropy of the target tokens
+    given the prompt, the mean over all target tokens ("mean") or each row's mean ("none")."""
     if reduction not in ("mean", "none"):
         raise ValueError(f"answer_loss: reduction must be 'mean' or 'none', got {reduction!r}")
-    batch = encode_answers(tok, prompts, targets, max_length, end_token_id(model, tok))
-    labels = batch.pop("labels").to(model.device)
+    labels = batch["labels"].to(model.device)
     keep = int((labels != -100).sum(-1).max()) + 1  # the positions that predict target tokens
-    logits = model(**{k: v.to(model.device) for k, v in batch.items()},
-                   logits_to_keep=keep, use_cache=False).logits.float()
+    inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
+    out = model(**inputs, logits_to_keep=keep, use_cache=False, **forward_kwargs)
     # Position j predicts token j + 1.
-    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, -keep + 1:], reduction="none")
+    token_loss = F.cross_entropy(out.logits.float()[:, :-1].transpose(1, 2), labels[:, -keep + 1:],
+                                 reduction="none")
     counted = (labels[:, -keep + 1:] != -100).float()
     if reduction == "none":
-        return (token_loss * counted).sum(-1) / counted.sum(-1)
-    return (token_loss * counted).sum() / counted.sum()
+        return (token_loss * counted).sum(-1) / counted.sum(-1), out
+    return (token_loss * counted).sum() / counted.sum(), out
+
+
+def answer_loss(model, tok, prompts: list[str], targets: list[str], max_length: int,
+                reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the target tokens given the prompt (see answer_batch_loss). The target
+    ends with the token generation stops at, so training teaches the model where to stop."""
+    batch = encode_answers(tok, prompts, targets, max_length, end_token_id(model, tok))
+    return answer_batch_loss(model, batch, reduction)[0]
 
 
 @torch.no_grad()

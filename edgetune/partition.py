@@ -65,14 +65,19 @@ def partition(ds: "datasets.Dataset", p: PartitionParams) -> list["datasets.Data
     return clients
 
 
-def client_stats(clients: list["datasets.Dataset"], label_column: str = "label") -> dict:
-    """Per-client size and label share, plus the label set, as a JSON-able dict."""
+def client_stats(clients: list["datasets.Dataset"], label_column: str | None = "label") -> dict:
+    """Per-client size and share of each value of `label_column` (e.g. label, category), plus
+    the value set, as a JSON-able dict. Without a column (a generation task split iid), every
+    row counts as the one value "all"."""
     from collections import Counter
 
-    labels = sorted({y for c in clients for y in c[label_column]})
+    def column(c):
+        return c[label_column] if label_column else ["all"] * len(c)
+
+    labels = sorted({y for c in clients for y in column(c)})
     rows = []
     for i, c in enumerate(clients):
-        counts = Counter(c[label_column])
+        counts = Counter(column(c))
         rows.append({
             "client": i,
             "size": len(c),
@@ -81,6 +86,7 @@ def client_stats(clients: list["datasets.Dataset"], label_column: str = "label")
     sizes = [r["size"] for r in rows]
     return {
         "num_clients": len(clients),
+        "column": label_column or "none",
         "labels": [str(y) for y in labels],
         "total": sum(sizes),
         "min_size": min(sizes),
@@ -103,9 +109,9 @@ def plot_label_share(stats: dict, path) -> None:
     im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1)
     ax.set_xticks(range(len(labels)), labels)
     ax.set_yticks(range(len(grid)), [f"{r['client']} (n={r['size']})" for r in stats["clients"]])
-    ax.set_xlabel("label")
+    ax.set_xlabel(stats.get("column", "label"))
     ax.set_ylabel("client (size)")
-    ax.set_title("label share per client")
+    ax.set_title(f"{stats.get('column', 'label')} share per client")
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -1,7 +1,7 @@
-"""evaluate: task accuracy, WikiText-2 perplexity, size, latency and peak memory of the base
-(zero-shot), fine-tuned and compressed models, each in its own process."""
+"""evaluate: the task's metric (accuracy, EM / F1, ROUGE-L), WikiText-2 perplexity, size,
+latency and peak memory of the base (zero-shot), fine-tuned and compressed models, each in its
+own process."""
 
-from pathlib import Path
 
 from edgetune.cli import parser, run_main, stage, write_metrics
 
@@ -20,7 +20,7 @@ def main(argv=None):
         results = {name: evaluate_isolated(path, args.data, params.data.task, params.evaluate, name)
                    for name, path in models.items()}
         if "base" in results and "finetuned" in results:
-            results["gain_over_zero_shot"] = results["finetuned"]["accuracy"] - results["base"]["accuracy"]
+            results["gain_over_zero_shot"] = results["finetuned"]["score"] - results["base"]["score"]
         write_metrics(args.metrics, results)
 
 

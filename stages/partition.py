@@ -20,12 +20,14 @@ def main(argv=None):
 
         from edgetune.partition import client_stats, partition, plot_label_share
 
-        clients = partition(datasets.Dataset.from_parquet(train_file), params.partition)
+        train = datasets.Dataset.from_parquet(train_file)
+        clients = partition(train, params.partition)
         out = Path(args.out)
         out.mkdir(parents=True)
         for i, client in enumerate(clients):
             client.to_parquet(out / f"client_{i:04d}.parquet")
-        stats = client_stats(clients)
+        by = params.partition.by
+        stats = client_stats(clients, by if by in train.column_names else None)
         (out / "stats.json").write_text(json.dumps(stats, indent=2))
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_label_share(stats, args.plot)

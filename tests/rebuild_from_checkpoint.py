@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from edgetune.config import FinetuneParams
-from edgetune.federated.methods import get_method
+from edgetune.federated.methods import build_method
 from edgetune.federated.protocol import from_bytes
 from edgetune.models import load_hf
-from edgetune.scoring import label_token_ids
+from edgetune.tasks import get_task
 
 
 def weights_hash(params) -> str:
@@ -27,7 +27,7 @@ if __name__ == "__main__":
     cfg = FinetuneParams.model_validate(json.loads(cfg_json))
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(model_dir)
-    method = get_method(cfg.method)(cfg, tok, label_token_ids(tok, (" negative", " positive")))
+    method = build_method(cfg, tok, get_task("sst2"))
     model = method.prepare_model(model)
     method.rebuild(model, from_bytes(Path(checkpoint).read_bytes()).tensors)
     print(weights_hash(method.params))

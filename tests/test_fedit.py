@@ -6,11 +6,11 @@ import torch
 
 from edgetune.config import FinetuneParams
 from edgetune.federated.engine import ClientData, run_federation, sample_clients
-from edgetune.federated.methods import get_method
+from edgetune.federated.methods import build_method
 from edgetune.federated.methods.weights import weighted_mean
 from edgetune.federated.protocol import Message, to_bytes
 from edgetune.models import load_hf
-from edgetune.scoring import classification_loss, encode, label_token_ids
+from edgetune.scoring import encode
 from edgetune.tasks import get_task
 
 
@@ -25,7 +25,7 @@ def run(tiny_model_dir, clients, rounds=3, tmp=None, **overrides):
                          lr=5e-3, **overrides)
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(tiny_model_dir)
-    method = get_method("fedit")(cfg, tok, label_token_ids(tok, get_task("sst2").label_words))
+    method = build_method(cfg, tok, get_task("sst2"))
     model = method.prepare_model(model)
     state, history = run_federation(method, model, clients, num_rounds=cfg.num_rounds,
                                     sample_rate=cfg.sample_rate, seed=cfg.seed, checkpoint_dir=tmp)
@@ -67,13 +67,12 @@ def test_same_seed_same_global_state(tiny_model_dir, sst2_prompts):
 def test_training_lowers_the_loss_on_client_data(tiny_model_dir, sst2_prompts):
     clients = make_clients(sst2_prompts)
     prompts = [p for c in clients for p in c.prompts]
-    labels = torch.tensor([y for c in clients for y in c.labels])
+    labels = [y for c in clients for y in c.targets]
     method, model, tok, state, _ = run(tiny_model_dir, clients, rounds=6)
-    batch = encode(tok, prompts, 64)
     with torch.no_grad():
-        trained = classification_loss(model, batch, labels, method.label_ids).item()
+        trained = method.loss(model, prompts, labels).item()
         with model.disable_adapter():
-            untrained = classification_loss(model, batch, labels, method.label_ids).item()
+            untrained = method.loss(model, prompts, labels).item()
     assert trained < untrained - 0.02
 
 

@@ -12,10 +12,11 @@ import torch
 
 from edgetune.config import FinetuneParams
 from edgetune.federated.engine import run_federation
-from edgetune.federated.methods import get_method
+from edgetune.federated.methods import build_method
 from edgetune.federated.methods.job import job_seed
 from edgetune.models import load_hf
-from edgetune.scoring import classification_loss, encode, label_token_ids
+from edgetune.objectives import LabelWords
+from edgetune.tasks import get_task
 from tests.conftest import REPO
 from tests.rebuild_from_checkpoint import weights_hash
 from tests.test_fedit import make_clients
@@ -26,7 +27,7 @@ def run(tiny_model_dir, clients, method_name, rounds=2, tmp=None, **overrides):
                          batch_size=8, **overrides)
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(tiny_model_dir)
-    method = get_method(cfg.method)(cfg, tok, label_token_ids(tok, (" negative", " positive")))
+    method = build_method(cfg, tok, get_task("sst2"))
     model = method.prepare_model(model)
     state, history = run_federation(method, model, clients, num_rounds=rounds,
                                     sample_rate=cfg.sample_rate, seed=cfg.seed, checkpoint_dir=tmp)
@@ -85,16 +86,15 @@ def test_fedkseed_pro_prefers_seeds_with_large_scalars():
 def test_mezo_lowers_the_loss_of_a_tiny_model(tiny_model_dir, sst2_prompts):
     clients = make_clients(sst2_prompts, n=1, size=64)
     model, tok = load_hf(tiny_model_dir)
-    batch = encode(tok, clients[0].prompts, 64)
-    labels = torch.tensor(clients[0].labels)
-    ids = label_token_ids(tok, (" negative", " positive"))
+    objective = LabelWords(tok, get_task("sst2").label_words, 64)
+    batch = objective.batch(clients[0].prompts, clients[0].targets)
     with torch.no_grad():
-        before = classification_loss(model, batch, labels, ids).item()
+        before = objective.loss(model, batch).item()
     cfg, method, model, tok, state, _ = run(tiny_model_dir, clients, "mezo", rounds=10,
                                             trainable="lora", zo={"lr": 2e-2, "eps": 1e-3})
     method.apply_global(model, state)
     with torch.no_grad():
-        after = classification_loss(model, batch, labels, ids).item()
+        after = objective.loss(model, batch).item()
     assert after < before - 0.01
 
 

@@ -9,13 +9,13 @@ import torch
 
 from edgetune.config import FinetuneParams, ServerParams
 from edgetune.federated.engine import run_federation
-from edgetune.federated.methods import get_method
+from edgetune.federated.methods import build_method
 from edgetune.federated.methods.fedselft import rank_layers
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
 from edgetune.federated.server_opt import ServerOptimizer
 from edgetune.federated.trainable import layer_of
 from edgetune.models import load_hf
-from edgetune.scoring import classification_loss, encode, label_token_ids
+from edgetune.scoring import encode
 from edgetune.tasks import get_task
 from tests.test_fedit import make_clients
 
@@ -25,7 +25,7 @@ def build(tiny_model_dir, method, **overrides):
                             "batch_size": 8, "lr": 5e-3, **overrides})
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(tiny_model_dir)
-    m = get_method(method)(cfg, tok, label_token_ids(tok, get_task("sst2").label_words))
+    m = build_method(cfg, tok, get_task("sst2"))
     return m, m.prepare_model(model), tok, cfg
 
 
@@ -38,9 +38,9 @@ def run(tiny_model_dir, clients, method, rounds=3, **overrides):
 
 def pooled_loss(method, model, tok, clients) -> float:
     prompts = [p for c in clients for p in c.prompts]
-    labels = torch.tensor([y for c in clients for y in c.labels])
+    labels = [y for c in clients for y in c.targets]
     with torch.no_grad():
-        return classification_loss(model, encode(tok, prompts, 64), labels, method.label_ids).item()
+        return method.loss(model, prompts, labels).item()
 
 
 @pytest.mark.parametrize("name, trained, lr", [

@@ -88,27 +88,37 @@ def _renumber_layers(state: dict, kept: list[int]) -> dict:
     return out
 
 
+def completion_ids(task, tok, target) -> list[int]:
+    """The completion after the prompt: the label word (classification) or the reference
+    answer (generation), as token ids."""
+    from edgetune.tasks import GenerationTask
+
+    text = str(target) if isinstance(task, GenerationTask) else task.label_words[int(target)]
+    return tok(text, add_special_tokens=False).input_ids
+
+
 def label_word_dataset(ctx, tok, step):
     """A seeded subset of the task's train split (steps x batch_size rows, or all of it) as
-    pre-tokenized prompt + label-word examples. trl's ChatML collator takes `input_ids` with a
-    `completion_mask` as is, so no chat template is applied; `prompt` is only carried along
-    because the collator looks that key up first."""
+    pre-tokenized prompt + completion examples (label word, or answer for generation tasks).
+    trl's ChatML collator takes `input_ids` with a `completion_mask` as is, so no chat template
+    is applied; `prompt` is only carried along because the collator looks that key up first."""
     import pandas as pd
     from datasets import Dataset
 
     from edgetune.tasks import get_task
 
+    task = get_task(ctx.task)
     frame = pd.read_parquet(Path(ctx.data_dir) / "train.parquet")
     frame = frame.sample(n=min(len(frame), step.steps * step.batch_size), random_state=step.seed)
-    words = [tok(w, add_special_tokens=False).input_ids for w in get_task(ctx.task).label_words]
     rows = {"prompt": [], "input_ids": [], "attention_mask": [], "completion_mask": []}
-    for prompt, label in zip(frame["prompt"], frame["label"]):
+    for prompt, target in zip(frame["prompt"], frame[task.target_column]):
         prompt_ids = tok(prompt, truncation=True, max_length=step.max_length).input_ids
-        ids = prompt_ids + words[int(label)]
+        completion = completion_ids(task, tok, target)
+        ids = prompt_ids + completion
         rows["prompt"].append(prompt)
         rows["input_ids"].append(ids)
         rows["attention_mask"].append([1] * len(ids))
-        rows["completion_mask"].append([0] * len(prompt_ids) + [1] * len(words[int(label)]))
+        rows["completion_mask"].append([0] * len(prompt_ids) + [1] * len(completion))
     return Dataset.from_dict(rows)
 
 

@@ -163,18 +163,19 @@ def accumulate_lm_gradients(model, mlp: set, sequences: list[list[int]]) -> None
 
 # ----------------------------------------------------------------- recovery
 def recover_with_lora(model, tok, step, ctx):
-    """`recovery_steps` of AdamW on LoRA adapters with the classification loss on seeded
-    batches of the train split; returns (merged model, per-step losses)."""
+    """`recovery_steps` of AdamW on LoRA adapters with the task's fine-tuning loss (label words
+    or answer tokens, edgetune.objectives) on seeded batches of the train split; returns
+    (merged model, per-step losses)."""
     import pandas as pd
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
 
-    from edgetune.scoring import classification_loss, encode, label_token_ids
+    from edgetune.objectives import objective_for
     from edgetune.tasks import get_task
 
+    objective = objective_for(get_task(ctx.task), tok, step.max_length, model)
     frame = pd.read_parquet(Path(ctx.data_dir) / "train.parquet")
-    prompts, labels = list(frame["prompt"]), torch.tensor(frame["label"].to_numpy())
-    label_ids = label_token_ids(tok, get_task(ctx.task).label_words)
+    prompts, targets = list(frame["prompt"]), list(frame[objective.target_column])
     torch.manual_seed(step.seed)  # LoRA A matrices
     lora = LoraConfig(r=step.lora_r, lora_alpha=2 * step.lora_r, target_modules=LORA_TARGETS,
                       task_type="CAUSAL_LM")
@@ -185,8 +186,8 @@ def recover_with_lora(model, tok, step, ctx):
     losses = []
     for _ in tqdm(range(step.recovery_steps), desc="structural: LoRA recovery"):
         idx = torch.randint(len(prompts), (step.recovery_batch_size,), generator=rng)
-        batch = encode(tok, [prompts[i] for i in idx.tolist()], step.max_length)
-        loss = classification_loss(model, batch, labels[idx], label_ids)
+        batch = objective.batch([prompts[i] for i in idx.tolist()], [targets[i] for i in idx.tolist()])
+        loss = objective.loss(model, batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -23,14 +23,15 @@ from edgetune.federated.protocol import Message, from_bytes, to_bytes
 
 @dataclass
 class ClientData:
-    """One client's local data, already as prompts and integer labels."""
+    """One client's local data: prompts and their targets (integer labels for classification,
+    answer strings for generation)."""
 
     client_id: int
     prompts: list[str]
-    labels: list[int]
+    targets: list
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.targets)
 
 
 @dataclass

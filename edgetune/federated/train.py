@@ -10,7 +10,8 @@ from edgetune.config import BadInput, FinetuneParams
 from edgetune.federated.engine import ClientData, RoundLog, run_federation
 
 
-def load_clients(folder: Path) -> list[ClientData]:
+def load_clients(folder: Path, target_column: str = "label") -> list[ClientData]:
+    """One ClientData per partition file: prompts and the task's target column."""
     import pandas as pd
 
     files = sorted(Path(folder).glob("client_*.parquet"))
@@ -21,7 +22,11 @@ def load_clients(folder: Path) -> list[ClientData]:
         frame = pd.read_parquet(f)
         if frame.empty:
             raise BadInput(f"{f}: client {i} has no rows")
-        clients.append(ClientData(i, frame["prompt"].tolist(), frame["label"].astype(int).tolist()))
+        if target_column not in frame.columns:
+            raise BadInput(f"{f}: no {target_column!r} column (partitions of another task? re-run prepare)")
+        targets = frame[target_column]
+        clients.append(ClientData(i, frame["prompt"].tolist(),
+                                  (targets.astype(int) if target_column == "label" else targets).tolist()))
     return clients
 
 
@@ -33,7 +38,7 @@ def centralize(clients: list[ClientData], cfg: FinetuneParams):
     from edgetune.federated.engine import clients_per_round
 
     steps = cfg.local_steps * clients_per_round(len(clients), cfg.sample_rate)
-    pooled = ClientData(0, [p for c in clients for p in c.prompts], [y for c in clients for y in c.labels])
+    pooled = ClientData(0, [p for c in clients for p in c.prompts], [y for c in clients for y in c.targets])
     return [pooled], 1.0, cfg.model_copy(update={"local_steps": steps})
 
 
@@ -41,20 +46,19 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
              on_round: Callable[[RoundLog], None] | None = None) -> tuple[dict, list[RoundLog]]:
     import torch
 
-    from edgetune.federated.methods import get_method
+    from edgetune.federated.methods import build_method, get_method
     from edgetune.models import load_hf
-    from edgetune.scoring import label_token_ids
     from edgetune.tasks import get_task
 
     method_cls = get_method(cfg.method)
-    clients = load_clients(partitions)
+    task = get_task(task_name)
+    clients = load_clients(partitions, task.target_column)
     sample_rate = cfg.sample_rate
     if method_cls.centralized:  # e.g. mezo: one client with all the data
         clients, sample_rate, cfg = centralize(clients, cfg)
-    task = get_task(task_name)
     torch.manual_seed(cfg.seed)  # adapter init
     model, tok = load_hf(base_dir, dtype=torch.float32)
-    method = method_cls(cfg, tok, label_token_ids(tok, task.label_words))
+    method = build_method(cfg, tok, task, model)
     model = method.prepare_model(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state, history = run_federation(

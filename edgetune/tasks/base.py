@@ -40,6 +40,8 @@ class ClassificationTask(Task):
     the prediction is the label word whose first token has the highest logit after the prompt."""
 
     label_words: tuple[str, ...] = ()
+    target_column = "label"
+    primary_metric = "accuracy"
 
 
 # Metrics a generation task can name; edgetune.generation.score computes them.
@@ -54,6 +56,12 @@ class GenerationTask(Task):
 
     metric: str = "squad"        # "squad" (exact match + F1) | "rougeL"
     max_new_tokens: int = 32     # greedy tokens generated per prompt at evaluation
+    stop: str | None = "\n"      # the answer ends at the first stop string (None: all new tokens)
+    target_column = "target"
+
+    @property
+    def primary_metric(self) -> str:
+        return {"squad": "f1", "rougeL": "rougeL"}[self.metric]
 
     def __post_init__(self):
         if self.metric not in GENERATION_METRICS:

@@ -78,5 +78,6 @@ TASK = register_task(
         loader=_load,
         metric="rougeL",
         max_new_tokens=64,
+        stop=None,  # responses are often multi-line lists
     )
 )

@@ -31,4 +31,13 @@ register_method("fedkseed", FedKSeed)
 register_method("fedkseed-pro", FedKSeedPro)
 register_method("fwdllm", FwdLLM)
 
-__all__ = ["METHODS", "FederatedMethod", "get_method", "register_method"]
+
+
+def build_method(cfg, tok, task, model=None) -> FederatedMethod:
+    """The `cfg.method` method, training `task`'s objective (label words or answers)."""
+    from edgetune.objectives import objective_for
+
+    return get_method(cfg.method)(cfg, tok, objective_for(task, tok, cfg.max_length, model))
+
+
+__all__ = ["METHODS", "FederatedMethod", "build_method", "get_method", "register_method"]

@@ -25,10 +25,13 @@ class FederatedMethod(ABC):
     name: str = "?"
     centralized = False  # True: one client holds all the data (e.g. mezo)
 
-    def __init__(self, cfg: FinetuneParams, tok, label_ids: torch.Tensor):
+    def __init__(self, cfg: FinetuneParams, tok, objective):
         self.cfg = cfg
         self.tok = tok
-        self.label_ids = label_ids
+        self.objective = objective  # edgetune.objectives: batch(prompts, targets), loss(model, batch)
+
+    def loss(self, model, prompts: list[str], targets: list) -> torch.Tensor:
+        return self.objective.loss(model, self.objective.batch(prompts, targets))
 
     @abstractmethod
     def prepare_model(self, model):

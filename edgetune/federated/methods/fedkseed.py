@@ -36,8 +36,8 @@ def seed_probabilities(importance: torch.Tensor, seen: torch.Tensor, temperature
 class FedKSeed(SeedScalarMethod):
     pro = False
 
-    def __init__(self, cfg, tok, label_ids):
-        super().__init__(cfg, tok, label_ids)
+    def __init__(self, cfg, tok, objective):
+        super().__init__(cfg, tok, objective)
         self.candidates = candidate_seeds(cfg.seed, cfg.zo.K)
         self.index_of = {s: i for i, s in enumerate(self.candidates)}
 

@@ -29,7 +29,6 @@ import torch
 from edgetune.federated.methods.weights import WeightMethod, mean_per_key, sample_batch
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import num_layers
-from edgetune.scoring import classification_loss, encode
 
 SELECTED = "_selected"  # control tensor: indices of the layers whose prefixes travel
 
@@ -73,12 +72,9 @@ class FedPepTAO(WeightMethod):
         """(curvature, correlation, loss) per layer on one local batch."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
-        batch = encode(self.tok, prompts, self.cfg.max_length)
+        batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
         with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
-            out = model(**batch, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        logits = out.logits[:, -1, :].index_select(-1, self.label_ids)
-        loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+            loss, out = self.objective.forward(model, batch, output_hidden_states=True)
         (grad,) = torch.autograd.grad(loss, self.prefix, create_graph=True)
         curvature = torch.zeros(self.num_layers)
         for _ in range(self.cfg.peptao.hutchinson_samples):

@@ -21,7 +21,6 @@ import torch
 from edgetune.federated.methods.weights import WeightMethod, mean_per_key, sample_batch
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import layer_of, num_layers
-from edgetune.scoring import classification_loss, encode
 
 RANKING = "_ranking"  # control tensor in the state / downlink, not a weight block
 
@@ -69,10 +68,8 @@ class FedSelFT(WeightMethod):
 
     def layer_gradient_norms(self, model, data, rng) -> torch.Tensor:
         """Squared gradient norm of each layer's weights on one local batch."""
-        prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
         model.zero_grad(set_to_none=True)
-        classification_loss(model, encode(self.tok, prompts, self.cfg.max_length), labels,
-                             self.label_ids).backward()
+        self.loss(model, *sample_batch(data, self.cfg.batch_size, rng)).backward()
         norms = torch.zeros(self.num_layers)
         for l, keys in self.keys_of.items():
             norms[l] = sum(float(self.blocks[k].grad.pow(2).sum()) for k in keys)

@@ -17,7 +17,6 @@ import torch
 from edgetune.federated import zo
 from edgetune.federated.methods.weights import sample_batch
 from edgetune.federated.methods.job import JOB, job_seed
-from edgetune.scoring import classification_loss, encode
 
 
 class FwdLLM(JOB):
@@ -54,9 +53,8 @@ class FwdLLM(JOB):
         playing = int(down.meta["round"]) + 1
         seeds, grads, losses = [], [], []
         for step in range(self.cfg.local_steps):
-            prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
-            batch = encode(self.tok, prompts, self.cfg.max_length)
-            loss_fn = lambda: classification_loss(model, batch, labels, self.label_ids)
+            batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
+            loss_fn = lambda: self.objective.loss(model, batch)
             chosen = [self.pick([job_seed(self.cfg.seed, playing, data.client_id,
                                           (step * max_n + p) * c + k) for k in range(c)])
                       for p in range(n)]

@@ -24,7 +24,6 @@ from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.methods.weights import sample_batch
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import prepare_trainable
-from edgetune.scoring import classification_loss, encode
 
 
 class SeedScalarMethod(FederatedMethod):
@@ -56,9 +55,8 @@ class SeedScalarMethod(FederatedMethod):
         n, eps, lr = self.cfg.zo.samples, self.cfg.zo.eps, self.cfg.zo.lr
         grads, losses = [], []
         for step in range(self.cfg.local_steps):
-            prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
-            batch = encode(self.tok, prompts, self.cfg.max_length)
-            loss_fn = lambda: classification_loss(model, batch, labels, self.label_ids)
+            batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
+            loss_fn = lambda: self.objective.loss(model, batch)
             step_seeds = seeds[step * n:(step + 1) * n]
             if n == 1:  # plain MeZO: the fused step
                 g, loss = zo.step(self.params, loss_fn, step_seeds[0], eps, lr)

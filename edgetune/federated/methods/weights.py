@@ -20,12 +20,11 @@ from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.protocol import Message
 from edgetune.federated.server_opt import ServerOptimizer
 from edgetune.federated.trainable import prepare_trainable, trainable_blocks
-from edgetune.scoring import classification_loss, encode
 
 
 def sample_batch(data: ClientData, batch_size: int, rng: torch.Generator):
     idx = torch.randint(len(data), (batch_size,), generator=rng).tolist()
-    return [data.prompts[i] for i in idx], torch.tensor([data.labels[i] for i in idx])
+    return [data.prompts[i] for i in idx], [data.targets[i] for i in idx]
 
 
 def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
@@ -92,9 +91,7 @@ class WeightMethod(FederatedMethod):
         opt = torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
         losses = []
         for _ in range(self.cfg.local_steps):
-            prompts, labels = sample_batch(data, self.cfg.batch_size, rng)
-            loss = classification_loss(model, encode(self.tok, prompts, self.cfg.max_length), labels,
-                                       self.label_ids)
+            loss = self.loss(model, *sample_batch(data, self.cfg.batch_size, rng))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
