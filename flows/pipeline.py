@@ -23,20 +23,11 @@ from pathlib import Path
 
 import yaml
 
-# Quiet, offline-friendly defaults; any of them can be overridden from the environment.
-for key, value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
-    "PREFECT_LOGGING_SERVER_LEVEL": "WARNING",
-    "DVC_NO_ANALYTICS": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-}.items():
-    os.environ.setdefault(key, value)
+from edgetune import tracking
+from edgetune.cli import run_main
+from edgetune.config import flatten, load_params
 
-from edgetune import tracking  # noqa: E402
-from edgetune.cli import run_main  # noqa: E402
-from edgetune.config import flatten, load_params  # noqa: E402
-
+EXTRA_TAGS_ENV = "EDGETUNE_RUN_TAGS"  # JSON object of extra parent-run tags (flows/benchmark.py)
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Connection refused")
 
 
@@ -119,6 +110,7 @@ def build_flow():
             "edgetune.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(),
             "edgetune.method": params.finetune.method, "edgetune.task": params.data.task,
             "edgetune.compress": " -> ".join(s.method for s in params.compress.steps) or "none",
+            **json.loads(os.environ.get(EXTRA_TAGS_ENV) or "{}"),
         }) as parent:
             mlflow.log_params(flatten(params))
             os.environ[tracking.PARENT_ENV] = parent.info.run_id
@@ -157,6 +149,10 @@ def headline_metrics(folder: Path) -> dict[str, float]:
         "accuracy_zero_shot": "evaluate.base.accuracy",
         "accuracy_finetuned": "evaluate.finetuned.accuracy",
         "accuracy_compressed": "evaluate.compressed.accuracy",
+        "score_zero_shot": "evaluate.base.score",
+        "score_finetuned": "evaluate.finetuned.score",
+        "score_compressed": "evaluate.compressed.score",
+        "peak_rss_mb_finetune": "finetune.peak_rss_mb",
         "bytes_per_client_round": "finetune.bytes_per_client_round",  # up + down, last round
         "size_mb_compressed": "evaluate.compressed.size_mb",
         "perplexity_compressed": "evaluate.compressed.perplexity",

@@ -1,5 +1,6 @@
 """finetune: federated fine-tuning of the base model over the client partitions."""
 
+import resource
 from pathlib import Path
 
 from edgetune.cli import parser, run_main, stage, write_metrics
@@ -24,6 +25,8 @@ def main(argv=None):
 
         summary, history = finetune(Path(args.model), Path(args.partitions), params.data.task,
                                     params.finetune, Path(args.out), on_round=log_round)
+        # Peak resident memory of this process (model, method state, activations, optimizer).
+        summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         plots = Path(args.plots)
         plots.mkdir(parents=True)
         plot_history(history, plots / "loss.png", plots / "rounds.csv")
