@@ -215,7 +215,7 @@ def test_compare_notebook_executes_against_the_runs(project):
     from nbclient import NotebookClient
 
     root, _, _ = project
-    nb = nbformat.read(REPO / "notebooks" / "compare_runs.ipynb", as_version=4)
+    nb = nbformat.read(REPO / "notebooks" / "compare_experiments.ipynb", as_version=4)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["EDGETUNE_EXPERIMENT"] = "e2e"
     try:
