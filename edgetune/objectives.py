@@ -29,9 +29,11 @@ class LabelWords:
 
     def forward(self, model, batch, **forward_kwargs):
         """(loss, model output); the LM head runs on the last position only."""
+        from edgetune.scoring import pick_label_logits
+
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         out = model(**inputs, logits_to_keep=1, use_cache=False, **forward_kwargs)
-        logits = out.logits[:, -1, :].index_select(-1, self.label_ids.to(out.logits.device)).float()
+        logits = pick_label_logits(out.logits, self.label_ids)
         return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device)), out
 
     def loss(self, model, batch) -> torch.Tensor:

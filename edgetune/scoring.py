@@ -30,10 +30,14 @@ def encode(tok, prompts: list[str], max_length: int) -> dict[str, torch.Tensor]:
     return {"input_ids": batch["input_ids"], "attention_mask": mask, "position_ids": position_ids}
 
 
+def pick_label_logits(logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, num_labels) float logits of the label words at the last position."""
+    return logits[:, -1, :].index_select(-1, label_ids.to(logits.device)).float()
+
+
 def label_logits(model, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
     """(batch, num_labels) next-token logits of the label words after each prompt."""
-    out = model(**batch, logits_to_keep=1, use_cache=False)
-    return out.logits[:, -1, :].index_select(-1, label_ids.to(out.logits.device)).float()
+    return pick_label_logits(model(**batch, logits_to_keep=1, use_cache=False).logits, label_ids)
 
 
 def classification_loss(model, batch, labels: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
