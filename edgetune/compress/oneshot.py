@@ -21,6 +21,9 @@ import torch
 
 from edgetune.config import BadInput
 
+# llmcompressor logs INFO lines per layer; read when it is first imported (below, lazily).
+os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")
+
 LINEAR_TARGETS = ["Linear"]
 KEEP_FLOAT = ["lm_head"]  # tied to the embeddings in SmolLM2; quantizing it would untie them
 
@@ -68,7 +71,6 @@ def calibration_dataset(ctx):
 def run_oneshot(src: Path, dst: Path, modifier, ctx, calibrate: bool = True) -> None:
     """Load `src`, apply one llmcompressor modifier (over the calibration set when it needs
     data), save the compressed-tensors folder to `dst`."""
-    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "WARNING")  # its per-layer INFO lines flood the log
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
