@@ -24,12 +24,13 @@ from pathlib import Path
 from benchmarks.common import CACHE, RESULTS, model_dir, save
 
 GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 64}
-STRUCTURAL = {"method": "structural", "ratio": 0.2, "recovery_steps": 100}
+STRUCTURAL = {"method": "structural", "ratio": 0.2, "recovery_steps": 300}
 
 # label -> compress.steps
 RECIPES: dict[str, list[dict]] = {
     "fp32": [],
     "gptq_w4": [GPTQ4],
+    "gptq_w4_g32": [{**GPTQ4, "group_size": 32}],
     "rtn_w4": [{"method": "rtn", "bits": 4, "group_size": 64}],
     "gptq_w8": [{"method": "gptq", "bits": 8, "group_size": 64}],
     "int8_torchao": [{"method": "int8"}],
@@ -41,7 +42,7 @@ RECIPES: dict[str, list[dict]] = {
     "structural_20_no_recovery": [{**STRUCTURAL, "recovery_steps": 0}],
     "structural_20": [STRUCTURAL],
     "gkd_student": [{"method": "gkd", "keep_every": 2, "steps": 200}],
-    "structural_20+gptq_w4": [STRUCTURAL, GPTQ4],
+    "structural_20+gptq_w4": [{**STRUCTURAL, "recovery_steps": 100}, GPTQ4],
 }
 
 

@@ -294,7 +294,7 @@ class StructuralStep(Section):
     ratio: float = Field(0.2, gt=0, lt=0.9, description="share of the model's parameters removed")
     importance: Literal["taylor", "magnitude"] = Field(
         "taylor", description="taylor (first-order, |w * grad| on calibration batches) | magnitude")
-    recovery_steps: int = Field(100, ge=0, description="LoRA recovery steps on the task's train split (0 = none)")
+    recovery_steps: int = Field(300, ge=0, description="LoRA recovery steps on the task's train split (0 = none)")
     recovery_lr: float = Field(1e-3, gt=0)
     recovery_batch_size: int = Field(8, ge=1)
     lora_r: int = Field(8, ge=1)
