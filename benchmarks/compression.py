@@ -124,6 +124,17 @@ def add_ratios(results: dict) -> None:
         r["accuracy_kept"] = r["accuracy"] / ref["accuracy"]
 
 
+def markdown_table(results: dict) -> str:
+    """The README table: one row per recipe, ratios against fp32 from this run."""
+    head = ("| recipe | size MB | params | sparsity | bits | WikiText-2 ppl (× fp32) | SST-2 acc (kept) "
+            "| tokens/s (× fp32) | peak RSS MB |\n|---|---|---|---|---|---|---|---|---|\n")
+    rows = [f"| {label} | {r['size_mb']:.0f} | {r['params'] / 1e6:.1f}M | {r['sparsity']:.2f} | {r['bits']} "
+            f"| {r['perplexity']:.1f} ({r['perplexity_ratio']:.2f}) | {r['accuracy']:.3f} ({r['accuracy_kept']:.1%}) "
+            f"| {r['tokens_per_s']:.1f} ({r['speedup']:.2f}) | {r['peak_rss_mb']:.0f} |"
+            for label, r in results.items()]
+    return head + "\n".join(rows) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     """Size on disk vs WikiText-2 perplexity, one labelled point per recipe."""
     import matplotlib
@@ -184,6 +195,7 @@ def main(argv=None) -> None:
         partial.write_text(json.dumps(results, indent=2))
     measure_speed_back_to_back(results, data)
     add_ratios(results)
+    (RESULTS / f"{args.name}.md").write_text(markdown_table(results))
     plot(results, RESULTS / f"{args.name}.png")
     params = {"model": str(model), "task": args.task, "calibration": calib_cfg.model_dump(),
               "evaluate": eval_cfg.model_dump(), "recipes": {k: RECIPES[k] for k in args.recipes}}
