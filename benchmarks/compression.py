@@ -112,6 +112,33 @@ def measure_speed_back_to_back(results: dict, data: Path, new_tokens: int = 64, 
         print(f"{label}: {1000 / ms:.1f} tokens/s")
 
 
+def peak_memory(folder: str, data_dir: str, task: str) -> float:
+    """Peak RSS (MB) of a fresh process that loads the folder and runs the evaluate stage's
+    heaviest steps once: a batch of 16 prompts, one 256-token perplexity window, 32 generated
+    tokens (the evaluate stage's own peak_rss_mb, without the full dev set)."""
+    import pandas as pd
+
+    from edgetune.evaluate import latency_ms_per_token, peak_rss_mb, perplexity, reset_peak_rss
+    from edgetune.models import load_hf
+    from edgetune.scoring import accuracy, label_token_ids
+    from edgetune.tasks import get_task
+
+    reset_peak_rss()
+    model, tok = load_hf(folder)
+    frame = pd.read_parquet(Path(data_dir) / "eval.parquet").head(16)
+    accuracy(model, tok, frame["prompt"].tolist(), frame["label"].tolist(),
+             label_token_ids(tok, get_task(task).label_words), 16)
+    perplexity(model, tok, (Path(data_dir) / "wikitext2_test.txt").read_text()[:20_000], 1, 256)
+    latency_ms_per_token(model, tok, frame["prompt"].iloc[0], 32, repeats=1)
+    return peak_rss_mb()
+
+
+def measure_peak_memory(results: dict, data: Path, task: str) -> None:
+    for label, r in results.items():
+        r["peak_rss_mb"] = in_fresh_process(peak_memory, str(CACHE / "compression" / label), str(data), task)
+        print(f"{label}: peak {r['peak_rss_mb']:.0f} MB")
+
+
 def add_ratios(results: dict) -> None:
     """Each recipe against fp32, from this one run: size, perplexity, speed, accuracy kept."""
     ref = results.get("fp32")
@@ -167,6 +194,8 @@ def main(argv=None) -> None:
     p.add_argument("--ppl-windows", type=int, default=32, help="WikiText-2 test windows of 256 tokens")
     p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
     p.add_argument("--name", default="compression")
+    p.add_argument("--remeasure", action="store_true",
+                   help="keep results/<name>.json's recipes; redo only speed and peak memory")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -184,7 +213,9 @@ def main(argv=None) -> None:
     eval_cfg = EvaluateParams(ppl_windows=args.ppl_windows, max_examples=args.max_eval)
     partial = RESULTS / f"{args.name}.tmp"
     results = json.loads(partial.read_text()) if partial.is_file() else {}
-    for label in args.recipes:
+    if args.remeasure:
+        results = json.loads((RESULTS / f"{args.name}.json").read_text())["results"]
+    for label in [] if args.remeasure else args.recipes:
         if label in results:
             print(f"{label}: kept from {partial}")
             continue
@@ -194,6 +225,7 @@ def main(argv=None) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(results, indent=2))
     measure_speed_back_to_back(results, data)
+    measure_peak_memory(results, data, args.task)
     add_ratios(results)
     (RESULTS / f"{args.name}.md").write_text(markdown_table(results))
     plot(results, RESULTS / f"{args.name}.png")

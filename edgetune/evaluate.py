@@ -1,8 +1,9 @@
 """Evaluate a saved HF model: the task's metric (accuracy, EM / F1, ROUGE-L), WikiText-2
 perplexity, size, sparsity, bits, latency, peak memory.
 
-Each model is evaluated in a fresh spawned process, so its peak resident memory (ru_maxrss) is
-its own and not inflated by models evaluated before it in the same stage.
+Each model is evaluated in a fresh spawned process whose resident-memory high-water mark is
+reset first (VmHWM), so its peak memory is its own: not inflated by models evaluated before it,
+nor by a large parent process (a spawned child inherits the parent's ru_maxrss on Linux).
 """
 
 from __future__ import annotations
@@ -79,6 +80,26 @@ def task_metrics(task, model, tok, frame, cfg: EvaluateParams, max_length: int,
     return {**metrics, "score": metrics[task.primary_metric]}
 
 
+def reset_peak_rss() -> None:
+    """Restart this process's resident-memory high-water mark (Linux). A spawned child starts
+    with its parent's mark (Linux keeps it across fork and exec), which ru_maxrss would report."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since reset_peak_rss (VmHWM), else since the process began."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
                    max_length: int = 128, name: str | None = None) -> dict[str, float]:
     """All metrics of one model folder. Meant to run in its own process (see evaluate_isolated)."""
@@ -89,6 +110,7 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
                                  linear_sparsity, load_hf, weight_bits)
     from edgetune.tasks import get_task
 
+    reset_peak_rss()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = get_task(task_name)
@@ -110,7 +132,7 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
         "bits": weight_bits(model_dir if not is_adapter_folder(model_dir) else Path(model_dir) / ADAPTER_BASE),
         "latency_ms_per_token": ms,
         "tokens_per_s": 1000 / ms,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "eval_examples": len(frame),
     }
 
