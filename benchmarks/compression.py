@@ -47,17 +47,19 @@ RECIPES: dict[str, list[dict]] = {
 
 
 def reload_accuracy(folder: str, data_dir: str, task: str, batch_size: int) -> float:
-    """Task accuracy of a saved folder, in a process that has seen nothing but the folder."""
+    """The task's score of a saved folder (the evaluate stage's task_metrics), in a process that
+    has seen nothing but the folder."""
     import pandas as pd
 
+    from edgetune.config import EvaluateParams
+    from edgetune.evaluate import task_metrics
     from edgetune.models import load_hf
-    from edgetune.scoring import accuracy, label_token_ids
     from edgetune.tasks import get_task
 
     model, tok = load_hf(folder)
     frame = pd.read_parquet(Path(data_dir) / "eval.parquet")
-    ids = label_token_ids(tok, get_task(task).label_words)
-    return accuracy(model, tok, frame["prompt"].tolist(), frame["label"].tolist(), ids, batch_size)
+    return task_metrics(get_task(task), model, tok, frame, EvaluateParams(batch_size=batch_size), 128,
+                        "reload")["score"]
 
 
 def in_fresh_process(fn, *args):

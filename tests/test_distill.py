@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from edgetune.compress import CompressContext
-from edgetune.compress.distill import drop_layers, gkd_distill, label_word_dataset
+from edgetune.compress.distill import drop_layers, gkd_distill, completion_dataset
 from edgetune.config import BadInput, GKDStep
 from edgetune.models import count_parameters, load_hf
 from edgetune.scoring import encode, label_token_ids
@@ -48,7 +48,7 @@ def kl_teacher_student(teacher, student, tok, prompts) -> float:
 
 def test_examples_are_raw_prompt_then_label_word(teacher_dir, ctx):
     _, tok = load_hf(teacher_dir)
-    ds = label_word_dataset(ctx, tok, GKDStep(steps=2, batch_size=4))
+    ds = completion_dataset(ctx, tok, GKDStep(steps=2, batch_size=4))
     label_ids = label_token_ids(tok, get_task("sst2").label_words).tolist()
     assert len(ds) == 8
     for row in ds:

@@ -41,7 +41,7 @@ def gkd_distill(src: Path, dst: Path, step: GKDStep, ctx: CompressContext) -> di
         raise BadInput("compress.steps: gkd needs the task's train split (the prepared data folder)")
     teacher, tok = load_hf(src, dtype=torch.float32)
     student = drop_layers(teacher, step.keep_every)
-    dataset = label_word_dataset(ctx, tok, step)
+    dataset = completion_dataset(ctx, tok, step)
     losses = train_gkd(student, teacher, tok, dataset, step)
     save_hf(student, tok, dst)
     params, teacher_params = count_parameters(student), count_parameters(teacher)
@@ -97,7 +97,7 @@ def completion_ids(task, tok, target) -> list[int]:
     return tok(text, add_special_tokens=False).input_ids
 
 
-def label_word_dataset(ctx, tok, step):
+def completion_dataset(ctx, tok, step):
     """A seeded subset of the task's train split (steps x batch_size rows, or all of it) as
     pre-tokenized prompt + completion examples (label word, or answer for generation tasks).
     trl's ChatML collator takes `input_ids` with a `completion_mask` as is, so no chat template
