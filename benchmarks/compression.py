@@ -8,6 +8,7 @@ reloads and reproduces what was logged.
 
     python -m benchmarks.compression --model models/finetuned/merged --data data/prepared
     python -m benchmarks.compression --recipes fp32 gptq_w4 rtn_w4     # a subset
+    python -m benchmarks.compression --redo gkd_student                # redo one, keep the rest
 
 Writes benchmarks/results/compression.json (+ a size-vs-perplexity plot) and one MLflow run
 with a child run per recipe. Finished recipes are kept in compression.tmp, so an interrupted
@@ -23,15 +24,18 @@ from pathlib import Path
 
 from benchmarks.common import CACHE, RESULTS, model_dir, save
 
-GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 64}
+GPTQ4 = {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": False}  # the best W4 scheme measured
+GPTQ4_SYM64 = {"method": "gptq", "bits": 4, "group_size": 64, "symmetric": True}
 STRUCTURAL = {"method": "structural", "ratio": 0.2, "recovery_steps": 300}
 
 # label -> compress.steps
 RECIPES: dict[str, list[dict]] = {
     "fp32": [],
     "gptq_w4": [GPTQ4],
-    "gptq_w4_g32": [{**GPTQ4, "group_size": 32}],
-    "rtn_w4": [{"method": "rtn", "bits": 4, "group_size": 64}],
+    "gptq_w4_sym_g64": [GPTQ4_SYM64],
+    "gptq_w4_sym_g32": [{**GPTQ4_SYM64, "group_size": 32}],
+    "rtn_w4": [{**GPTQ4, "method": "rtn"}],
+    "rtn_w4_sym_g64": [{**GPTQ4_SYM64, "method": "rtn"}],
     "gptq_w8": [{"method": "gptq", "bits": 8, "group_size": 64}],
     "int8_torchao": [{"method": "int8"}],
     "sparsegpt_50": [{"method": "sparsegpt", "sparsity": 0.5}],
@@ -41,8 +45,8 @@ RECIPES: dict[str, list[dict]] = {
     "magnitude_2of4": [{"method": "magnitude", "sparsity": 0.5, "mask": "2:4"}],
     "structural_20_no_recovery": [{**STRUCTURAL, "recovery_steps": 0}],
     "structural_20": [STRUCTURAL],
-    "gkd_student": [{"method": "gkd", "keep_every": 2, "steps": 200}],
-    "structural_20+gptq_w4": [{**STRUCTURAL, "recovery_steps": 100}, GPTQ4],
+    "gkd_student": [{"method": "gkd", "drop_layers": 6, "lmbda": 0.0, "lr": 1e-4, "steps": 200}],
+    "structural_20+gptq_w4": [{**STRUCTURAL, "recovery_steps": 100}, GPTQ4_SYM64],
 }
 
 
@@ -198,6 +202,9 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="compression")
     p.add_argument("--remeasure", action="store_true",
                    help="keep results/<name>.json's recipes; redo only speed and peak memory")
+    p.add_argument("--redo", nargs="+", choices=list(RECIPES), default=[], metavar="RECIPE",
+                   help="keep results/<name>.json's other recipes, redo these, and re-time them "
+                   "next to fp32 (the others keep their speed and peak memory)")
     args = p.parse_args(argv)
 
     from transformers import AutoTokenizer
@@ -215,9 +222,10 @@ def main(argv=None) -> None:
     eval_cfg = EvaluateParams(ppl_windows=args.ppl_windows, max_examples=args.max_eval)
     partial = RESULTS / f"{args.name}.tmp"
     results = json.loads(partial.read_text()) if partial.is_file() else {}
-    if args.remeasure:
+    if args.remeasure or args.redo:
         results = json.loads((RESULTS / f"{args.name}.json").read_text())["results"]
-    for label in [] if args.remeasure else args.recipes:
+        results = {k: v for k, v in results.items() if k not in args.redo}
+    for label in args.redo or ([] if args.remeasure else args.recipes):
         if label in results:
             print(f"{label}: kept from {partial}")
             continue
@@ -226,13 +234,16 @@ def main(argv=None) -> None:
                                        ("accuracy", "perplexity", "size_mb", "tokens_per_s")))
         RESULTS.mkdir(parents=True, exist_ok=True)
         partial.write_text(json.dumps(results, indent=2))
-    measure_speed_back_to_back(results, data)
-    measure_peak_memory(results, data, args.task)
+    results = {k: results[k] for k in RECIPES if k in results}  # table order
+    # --redo times the redone recipes next to fp32 (their ratios' reference) and keeps the rest
+    timed = {k: r for k, r in results.items() if k in {"fp32", *args.redo}} if args.redo else results
+    measure_speed_back_to_back(timed, data)
+    measure_peak_memory(timed, data, args.task)
     add_ratios(results)
     (RESULTS / f"{args.name}.md").write_text(markdown_table(results))
     plot(results, RESULTS / f"{args.name}.png")
     params = {"model": str(model), "task": args.task, "calibration": calib_cfg.model_dump(),
-              "evaluate": eval_cfg.model_dump(), "recipes": {k: RECIPES[k] for k in args.recipes}}
+              "evaluate": eval_cfg.model_dump(), "recipes": {k: RECIPES[k] for k in results}}
     path = save(args.name, results, {k: json.dumps(v) if isinstance(v, dict) else v for k, v in params.items()},
                 children={label: {"recipe": r["recipe"]} for label, r in results.items()},
                 artifacts=[RESULTS / f"{args.name}.png"])

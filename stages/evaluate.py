@@ -17,8 +17,11 @@ def main(argv=None):
     with stage("evaluate", args.params, [args.data, *models.values()], [args.metrics]) as (params, _):
         from edgetune.evaluate import evaluate_isolated
 
+        same_as_finetuned = not params.compress.steps and {"compressed", "finetuned"} <= models.keys()
         results = {name: evaluate_isolated(path, args.data, params.data.task, params.evaluate, name)
-                   for name, path in models.items()}
+                   for name, path in models.items() if not (same_as_finetuned and name == "compressed")}
+        if same_as_finetuned:  # no compression step: the compressed folder is a copy, measure it once
+            results["compressed"] = results["finetuned"]
         if "base" in results and "finetuned" in results:
             results["gain_over_zero_shot"] = results["finetuned"]["score"] - results["base"]["score"]
         write_metrics(args.metrics, results)

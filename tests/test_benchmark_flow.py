@@ -4,6 +4,7 @@ experiment, Tables I/II and plots from those runs, and a failing cell reported, 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,3 +87,27 @@ def test_a_bad_grid_fails_before_any_cell_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "finetune.method" in proc.stderr
     assert "cell a task sst2" in proc.stderr and not (tmp_path / "out").exists()
+
+
+def run_screenshot(out, *args):
+    return subprocess.run([sys.executable, "-m", "benchmarks.mlflow_screenshot", "--tracking-uri",
+                           f"sqlite:///{out / 'mlflow.db'}", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium not installed (.ci/run installs it)")
+def test_the_mlflow_compare_view_of_the_grid_is_screenshotted(grid_run, tmp_path):
+    out, _ = grid_run
+    proc = run_screenshot(out, "--experiment", "grid-tiny", "--out", str(tmp_path / "compare.png"),
+                          "--size", "1200x900", "--wait-ms", "15000")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 30_000  # a rendered page, not a blank one
+
+
+def test_screenshot_of_an_unknown_experiment_fails_with_one_line(grid_run, tmp_path):
+    out, _ = grid_run
+    proc = run_screenshot(out, "--experiment", "no-such-experiment", "--browser", sys.executable,
+                          "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error:")
+    assert "no-such-experiment" in proc.stderr and not (tmp_path / "x.png").exists()

@@ -8,6 +8,7 @@ returned dict holds what the step measured itself (e.g. parameters removed), log
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -49,10 +50,12 @@ def step_function(method: str) -> Callable:
 def preflight(src: Path, steps) -> None:
     """Check every step against the model's config before any weight is loaded: a quantization
     group size must divide the widths the model will have when that step runs (a structural
-    step before it narrows the MLP), and a structural ratio must be reachable."""
+    step before it narrows the MLP), a structural ratio must be reachable and a GKD student
+    must keep a layer."""
     from edgetune.compress.oneshot import check_group_size, model_widths
 
     widths = model_widths(src)
+    layers = json.loads((Path(src) / "config.json").read_text()).get("num_hidden_layers", 0)
     for step in steps:
         if step.method == "structural":
             from edgetune.compress.structural import plan_mlp_pruning
@@ -61,6 +64,11 @@ def preflight(src: Path, steps) -> None:
             widths["intermediate_size"] = plan.width - plan.channels
         if getattr(step, "group_size", None) is not None:
             check_group_size(widths, step)
+        if step.method == "gkd":
+            from edgetune.compress.distill import check_drop_layers
+
+            check_drop_layers(layers, step)
+            layers -= step.drop_layers
 
 
 def apply_steps(src: Path, steps, out: Path, ctx: CompressContext | None = None,

@@ -2,10 +2,11 @@
 Distillation of Language Models: Learning from Self-Generated Mistakes", ICLR 2024).
 
 The loss, the on-policy / sequence-level sampling and the training loop are trl's
-`trl.experimental.gkd.GKDTrainer`. edgetune adds the student (every k-th decoder layer of the
-teacher, a plain smaller model of the same architecture) and the data: the task's train prompts
-followed by their label word, as raw text with no chat template, because classification is
-scored by the label word's next-token logit right after the raw prompt (`edgetune.scoring`).
+`trl.experimental.gkd.GKDTrainer`. edgetune adds the student (the teacher without the decoder
+layers that change their hidden state least, ShortGPT's Block Influence; a plain smaller model of
+the same architecture) and the data: the task's train prompts followed by their label word, as
+raw text with no chat template, because classification is scored by the label word's next-token
+logit right after the raw prompt (`edgetune.scoring`).
 """
 
 from __future__ import annotations
@@ -25,29 +26,33 @@ if TYPE_CHECKING:
 
 
 def gkd_distill(src: Path, dst: Path, step: GKDStep, ctx: CompressContext) -> dict:
-    """Distil the model in `src` (teacher) into a student keeping decoder layers 0, k, 2k, ...
-    (k = `step.keep_every`) with trl's GKD trainer, and save the student to `dst`.
+    """Distil the model in `src` (teacher) into a student without `step.drop_layers` of its
+    decoder layers (chosen by `step.layer_selection`) with trl's GKD trainer; save it to `dst`.
 
     Each example is the raw prompt's tokens (left-truncated to `step.max_length`, as scoring
-    does) followed by the label word's tokens; the divergence (generalized JSD with `step.beta`)
-    is taken where the label word is predicted (the position scoring reads), or, with
-    probability `step.lmbda`, on up to `step.max_new_tokens` tokens the student samples after the
-    prompt (`step.seq_kd`: the teacher samples instead). `step.temperature` is the sampling
-    temperature only: trl's loss compares the distributions at temperature 1.
+    does) followed by the label word's (or answer's) tokens. The divergence (generalized JSD with
+    `step.beta`) is taken on every token after the first `step.context_tokens` (`loss_on:
+    sequence`: the student keeps the teacher's language model, not only its label position) or
+    on the label word / answer alone (`completion`); with probability `step.lmbda` on up to
+    `step.max_new_tokens` tokens the student samples instead (`step.seq_kd`: the teacher
+    samples). `step.temperature` is the sampling temperature only: trl's loss compares the
+    distributions at temperature 1.
     """
     from edgetune.models import count_parameters, load_hf, save_hf
 
     if ctx.data_dir is None:
         raise BadInput("compress.steps: gkd needs the task's train split (the prepared data folder)")
     teacher, tok = load_hf(src, dtype=torch.float32)
-    student = drop_layers(teacher, step.keep_every)
     dataset = completion_dataset(ctx, tok, step)
+    kept = student_layers(teacher, step, selection_batches(ctx, dataset))
+    student = keep_layers(teacher, kept)
     losses = train_gkd(student, teacher, tok, dataset, step)
     save_hf(student, tok, dst)
     params, teacher_params = count_parameters(student), count_parameters(teacher)
     return {
         "student_layers": student.config.num_hidden_layers,
         "teacher_layers": teacher.config.num_hidden_layers,
+        "dropped_layers": ",".join(str(i) for i in range(teacher.config.num_hidden_layers) if i not in kept),
         "params": params,
         "params_removed_share": 1 - params / teacher_params,
         "distill_loss_first": losses[0],
@@ -55,13 +60,68 @@ def gkd_distill(src: Path, dst: Path, step: GKDStep, ctx: CompressContext) -> di
     }
 
 
-def drop_layers(teacher, keep_every: int):
-    """A fresh model of the teacher's class with decoder layers 0, k, 2k, ... copied from the
+def student_layers(teacher, step: GKDStep, batches: list[torch.Tensor]) -> list[int]:
+    """The teacher's decoder layers the student keeps, in order."""
+    n = teacher.config.num_hidden_layers
+    check_drop_layers(n, step)
+    k = step.drop_layers
+    if step.layer_selection == "uniform":  # the middle of k equal slices: 30 layers, k 15 -> 1, 3, ..., 29
+        dropped = {n * (2 * i + 1) // (2 * k) for i in range(k)}
+    else:
+        influence = block_influence(teacher, batches)
+        dropped = set(sorted(range(n), key=influence.__getitem__)[:k])
+    return [i for i in range(n) if i not in dropped]
+
+
+def check_drop_layers(num_layers: int, step: GKDStep) -> None:
+    if step.drop_layers >= num_layers:
+        raise BadInput(f"compress.steps: gkd drop_layers {step.drop_layers} leaves no layer of the "
+                       f"model's {num_layers}; expected at most {num_layers - 1}")
+
+
+def block_influence(model, batches: list[torch.Tensor]) -> list[float]:
+    """ShortGPT's Block Influence (Men et al., "ShortGPT: Layers in Large Language Models are
+    More Redundant Than You Expect", 2024) of every decoder layer: 1 - the mean cosine similarity
+    between the hidden state entering and leaving the layer, over all calibration tokens. Written
+    here: no maintained library computes it."""
+    layers = model.model.layers
+    sums = [0.0] * len(layers)
+    count = 0
+
+    def hook(index):
+        def record(module, args, kwargs, output):
+            hidden_in = args[0] if args else kwargs["hidden_states"]
+            hidden_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
+            sums[index] += (1 - cos).sum().item()
+        return record
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for ids in batches:
+                model(input_ids=ids, use_cache=False)
+                count += ids.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [s / count for s in sums]
+
+
+def selection_batches(ctx, dataset, rows: int = 16) -> list[torch.Tensor]:
+    """Token sequences to score layers on: the calibrate stage's windows, or (without them) the
+    first `rows` distillation examples."""
+    if ctx.calibration:
+        return [torch.tensor([list(seq)]) for seq in ctx.calibration[:rows]]
+    return [torch.tensor([ids]) for ids in dataset["input_ids"][:rows]]
+
+
+def keep_layers(teacher, kept: list[int]):
+    """A fresh model of the teacher's class with the decoder layers `kept` copied from the
     teacher (and everything else: embeddings, final norm, LM head). Built from a shortened config
     rather than by slicing the teacher, so per-layer indices (KV cache slots) are renumbered."""
     from transformers import AutoModelForCausalLM
 
-    kept = list(range(0, teacher.config.num_hidden_layers, keep_every))
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:
@@ -100,8 +160,10 @@ def completion_ids(task, tok, target) -> list[int]:
 def completion_dataset(ctx, tok, step):
     """A seeded subset of the task's train split (steps x batch_size rows, or all of it) as
     pre-tokenized prompt + completion examples (label word, or answer for generation tasks).
-    trl's ChatML collator takes `input_ids` with a `completion_mask` as is, so no chat template
-    is applied; `prompt` is only carried along because the collator looks that key up first."""
+    `completion_mask` marks where the loss is taken: the completion, or (`loss_on: sequence`)
+    everything after the first `context_tokens`. trl's ChatML collator takes `input_ids` with a
+    `completion_mask` as is (its prompt = the tokens before the first 1), so no chat template is
+    applied; `prompt` is only carried along because the collator looks that key up first."""
     import pandas as pd
     from datasets import Dataset
 
@@ -115,10 +177,11 @@ def completion_dataset(ctx, tok, step):
         prompt_ids = tok(prompt, truncation=True, max_length=step.max_length).input_ids
         completion = completion_ids(task, tok, target)
         ids = prompt_ids + completion
+        context = len(prompt_ids) if step.loss_on == "completion" else min(step.context_tokens, len(prompt_ids))
         rows["prompt"].append(prompt)
         rows["input_ids"].append(ids)
         rows["attention_mask"].append([1] * len(ids))
-        rows["completion_mask"].append([0] * len(prompt_ids) + [1] * len(completion))
+        rows["completion_mask"].append([0] * context + [1] * (len(ids) - context))
     return Dataset.from_dict(rows)
 
 
