@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sys
@@ -25,7 +26,8 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     try:
         main(argv)
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line, whatever a wrapped library message holds (pandas parser errors end in \n).
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         sys.exit(2)
 
 
@@ -33,6 +35,17 @@ def parser(doc: str | None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=(doc or "").strip().splitlines()[0])
     p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     return p
+
+
+def check_writable(name: str, outs: list[Path]) -> None:
+    """Each output's nearest existing ancestor must be a writable folder (not, e.g., a file),
+    so a bad output path fails before the work, not after it."""
+    for out in outs:
+        parent = out.absolute().parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise BadInput(f"{name}: cannot write output {str(out)!r}: {str(parent)!r} is not a writable folder")
 
 
 def remove(path: Path) -> None:
@@ -51,6 +64,7 @@ def stage(name: str, params_file: str, inputs: list[str], outputs: list[str],
     if missing:
         raise BadInput(f"{name}: input {missing[0]!r} does not exist (run the upstream stage first)")
     outs = [Path(p) for p in outputs]
+    check_writable(name, outs)
     for out in outs:
         remove(out)
     from edgetune import tracking

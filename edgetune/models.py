@@ -73,7 +73,8 @@ def load_source(src: ModelSource, dtype: str = "float32"):
         tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
-        raise BadInput(f"model.source: cannot load {src.location!r} ({src.kind}): {e}") from None
+        where = str(Path(src.location) / src.gguf_file) if src.gguf_file else src.location
+        raise BadInput(f"model.source: cannot load {where!r} ({src.kind}): {e}") from None
     if src.gguf_file:
         # A dequantized GGUF model refuses save_pretrained until its quantizer is dropped.
         model.hf_quantizer = None
@@ -154,15 +155,23 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (path / "adapter_config.json").is_file() and (path / ADAPTER_BASE / "config.json").is_file()
 
 
+def model_folder(path: str | Path) -> Path:
+    """The HF folder holding the weights of a folder this pipeline wrote: the folder itself,
+    or an adapter folder's <path>/base. Cheap: stages call it before any heavy work."""
+    path = Path(path)
+    base = path / ADAPTER_BASE if is_adapter_folder(path) else path
+    if not (base / "config.json").is_file():
+        raise BadInput(f"{path}: not a Hugging Face model folder (no config.json)")
+    return base
+
+
 def load_hf(path: str | Path, **kwargs):
     """Load (model, tokenizer) from a folder this pipeline wrote: an HF model folder, or an
     adapter folder (peft prefix / prompt tuning on top of <path>/base)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    base = path / ADAPTER_BASE if is_adapter_folder(path) else path
-    if not (base / "config.json").is_file():
-        raise BadInput(f"{path}: not a Hugging Face model folder (no config.json)")
+    base = model_folder(path)
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(base))
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     if base != path:

@@ -10,23 +10,49 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import urllib.parse
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
+
+from edgetune.config import BadInput
 
 PARENT_ENV = "EDGETUNE_PARENT_RUN_ID"
 DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def configure(experiment: str):
-    """Point MLflow at the store and experiment; returns the mlflow module."""
+    """Point MLflow at the store and experiment; returns the mlflow module. A store that
+    cannot be used is bad input (BadInput naming the URI), reported before any work."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(DEFAULT_URI)
-    mlflow.set_experiment(experiment)
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    origin = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking store"
+    check_reachable(uri, origin)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment)
+    except mlflow.MlflowException as e:  # e.g. an unknown URI scheme, a deleted experiment
+        raise BadInput(f"{origin} {uri!r}: {e.message}") from None
     return mlflow
+
+
+def check_reachable(uri: str, origin: str, timeout_s: float = 5.0) -> None:
+    """Fail fast when an http(s) tracking server does not accept connections: MLflow's client
+    would retry with backoff for minutes. Skipped behind a proxy (only the proxy is reachable)."""
+    url = urllib.parse.urlsplit(uri)
+    if url.scheme not in ("http", "https"):
+        return
+    if urllib.request.getproxies().get(url.scheme) and not urllib.request.proxy_bypass(url.hostname or ""):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise BadInput(f"{origin} {uri!r}: cannot reach the MLflow server ({e.strerror or e})") from None
 
 
 def git_commit() -> str:

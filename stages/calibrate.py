@@ -18,9 +18,11 @@ def main(argv=None):
         from transformers import AutoTokenizer
 
         from edgetune.compress import calibration
+        from edgetune.models import model_folder
 
         cfg = params.compress.calibration
-        tok = AutoTokenizer.from_pretrained(args.model)
+        calibration.source_file(cfg, Path(args.data))  # both checked before the tokenizer loads
+        tok = AutoTokenizer.from_pretrained(model_folder(args.model))
         windows = calibration.build(cfg, Path(args.data), tok)
         calibration.save(windows, Path(args.out))
         write_metrics(args.metrics, {"samples": len(windows), "seq_len": cfg.seq_len,

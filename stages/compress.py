@@ -20,10 +20,11 @@ def main(argv=None):
 
         from edgetune.compress import CompressContext, apply_steps, calibration
         from edgetune.evaluate import evaluate_isolated
-        from edgetune.models import dir_size_bytes
+        from edgetune.models import dir_size_bytes, model_folder
         from edgetune.tracking import numeric
 
         cfg = params.compress
+        model_folder(args.model)  # an HF (or adapter) folder, checked before the calibration loads
         ctx = CompressContext(calibration=calibration.load(Path(args.calibration)),
                               data_dir=Path(args.data), task=params.data.task)
         per_step, clock = [], [time.perf_counter()]

@@ -19,8 +19,9 @@ def main(argv=None):
         import mlflow
 
         from edgetune.partition import client_stats, partition, plot_label_share
+        from edgetune.tasks.base import require_parquet
 
-        train = datasets.Dataset.from_parquet(train_file)
+        train = datasets.Dataset.from_parquet(str(require_parquet(train_file)))
         clients = partition(train, params.partition)
         out = Path(args.out)
         out.mkdir(parents=True)

@@ -12,6 +12,7 @@ import random
 from pathlib import Path
 
 from edgetune.config import BadInput, CalibrationParams
+from edgetune.tasks.base import require_parquet
 
 CALIBRATION_FILE = "calibration.parquet"
 
@@ -39,13 +40,19 @@ def task_text(train_parquet: Path, cfg: CalibrationParams, max_rows: int = 20_00
     return "\n\n".join(prompts)
 
 
+def source_file(cfg: CalibrationParams, data_dir: Path) -> Path:
+    """The prepared file the windows come from, checked (BadInput naming it if unusable)."""
+    if cfg.source == "task":
+        return require_parquet(Path(data_dir) / "train.parquet")
+    path = Path(data_dir) / "wikitext2_valid.txt"
+    if not path.is_file():
+        raise BadInput(f"{path}: file not found (re-run the prepare stage)")
+    return path
+
+
 def build(cfg: CalibrationParams, data_dir: Path, tok) -> list[list[int]]:
-    if cfg.source == "wikitext2":
-        path = data_dir / "wikitext2_valid.txt"
-        text = path.read_text(encoding="utf-8")
-    else:
-        path = data_dir / "train.parquet"
-        text = task_text(path, cfg)
+    path = source_file(cfg, data_dir)
+    text = path.read_text(encoding="utf-8") if cfg.source == "wikitext2" else task_text(path, cfg)
     return sample_windows(token_stream(text, tok), cfg, str(path))
 
 

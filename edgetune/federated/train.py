@@ -14,14 +14,14 @@ def load_clients(folder: Path, target_column: str = "label") -> list[ClientData]
     """One ClientData per partition file: prompts and the task's target column."""
     import pandas as pd
 
+    from edgetune.tasks.base import require_parquet
+
     files = sorted(Path(folder).glob("client_*.parquet"))
     if not files:
         raise BadInput(f"{folder}: no client_*.parquet files (run the partition stage first)")
     clients = []
     for i, f in enumerate(files):
-        frame = pd.read_parquet(f)
-        if frame.empty:
-            raise BadInput(f"{f}: client {i} has no rows")
+        frame = pd.read_parquet(require_parquet(f))  # readable, a prompt column, some rows
         if target_column not in frame.columns:
             raise BadInput(f"{f}: no {target_column!r} column (partitions of another task? re-run prepare)")
         targets = frame[target_column]

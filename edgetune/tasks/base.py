@@ -96,3 +96,24 @@ def require_file(path: Path) -> Path:
     if not path.is_file():
         raise BadInput(f"data mirror: expected file {str(path)!r} is missing")
     return path
+
+
+def require_parquet(path: Path, columns: tuple[str, ...] = ("prompt",)) -> Path:
+    """A Parquet file that opens, has `columns` and at least one row, checked from its footer
+    (no rows read): a missing, corrupt, empty or foreign file fails in one line naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: file not found (re-run the stage that writes it)")
+    try:
+        meta = pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as e:
+        raise BadInput(f"{path}: not a readable Parquet file ({e})") from None
+    missing = [c for c in columns if c not in meta.schema.names]
+    if missing:
+        raise BadInput(f"{path}: missing column(s) {missing}; has {meta.schema.names}")
+    if meta.num_rows == 0:
+        raise BadInput(f"{path}: no rows")
+    return path

@@ -27,6 +27,7 @@ def _load(split: str, mirror: Path | None):
         hub_split = {"train": "train", "dev": "validation"}[split]
         ds = datasets.load_dataset("stanfordnlp/sst2", split=hub_split)
         frame = ds.to_pandas()[["sentence", "label"]]
+        origin = f"stanfordnlp/sst2 {hub_split}"
     else:
         path = require_file(mirror / "sst2" / f"{split}.tsv")
         try:
@@ -37,9 +38,13 @@ def _load(split: str, mirror: Path | None):
         missing = {"sentence", "label"} - set(frame.columns)
         if missing:
             raise BadInput(f"{path}: missing column(s) {sorted(missing)}; expected sentence, label")
+        origin = str(path)
     if frame.empty:
-        raise BadInput(f"sst2/{split}: split is empty")
+        raise BadInput(f"{origin}: sst2/{split} split is empty")
     frame = frame.dropna(subset=["sentence"])
+    bad = frame["label"][~pd.to_numeric(frame["label"], errors="coerce").isin([0, 1])]
+    if len(bad):
+        raise BadInput(f"{origin}: label {str(bad.iloc[0])!r} is not 0 (negative) or 1 (positive)")
     frame = frame.assign(prompt=frame["sentence"].map(prompt), label=frame["label"].astype(int))
     return datasets.Dataset.from_pandas(frame[["prompt", "label"]], preserve_index=False)
 
