@@ -70,6 +70,11 @@ class PartitionParams(Section):
 
 
 # --------------------------------------------------------------------------- finetune
+def clients_per_round(num_clients: int, rate: float) -> int:
+    """Clients sampled per round: max(1, round(rate * N)) (the engine's sample_clients)."""
+    return max(1, round(rate * num_clients))
+
+
 class LoraParams(Section):
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
@@ -159,6 +164,7 @@ DEFAULT_TRAINABLE = {"fedit": "lora", "fedpeptao": "prefix", "fedprompt": "promp
                      "mezo": "full", "job": "full", "fedkseed": "full", "fedkseed-pro": "full",
                      "fwdllm": "lora"}
 ZO_METHODS = ("mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm")
+CENTRALIZED_METHODS = ("mezo",)  # one client holding all the data: one client per round
 # Client AdamW learning rate when finetune.lr is auto: the smaller the trainable set's leverage
 # per weight, the larger the step (prompt > prefix > BitFit > LoRA > layers / all weights).
 DEFAULT_LR = {"fedit": 1e-3, "fedpeptao": 2e-3, "fedprompt": 1e-2, "fedbitfit": 1e-3,
@@ -189,6 +195,14 @@ class FinetuneParams(Section):
     server: ServerParams = ServerParams()
     zo: ZOParams = ZOParams()
     seed: int = Field(0, description="seed of client sampling, batches and init")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="probability that a sampled client drops out of a round after "
+        "the broadcast (seeded by seed and round; it then uploads nothing)")
+    min_clients: int = Field(
+        1, ge=1, description="fewest replies a round aggregates; fewer (dropouts, failed clients) "
+        "and the round is sampled afresh")
+    round_retries: int = Field(
+        2, ge=0, description="fresh samples a round may take to reach min_clients before the stage fails")
 
     @model_validator(mode="after")
     def _trainable_fits_method(self):
@@ -368,6 +382,19 @@ class Params(Section):
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
     tracking: TrackingParams = TrackingParams()
+
+    @model_validator(mode="after")
+    def _min_clients_fit_a_round(self):
+        ft, n = self.finetune, self.partition.num_clients
+        if ft.method in CENTRALIZED_METHODS:
+            k, why = 1, f"{ft.method} runs one centralized client"
+        else:
+            k = clients_per_round(n, ft.sample_rate)
+            why = f"partition.num_clients {n} x finetune.sample_rate {ft.sample_rate} = {k} per round"
+        if ft.min_clients > k:
+            raise ValueError(f"finetune.min_clients: {ft.min_clients} is more clients than a round "
+                             f"samples ({why}); lower it or sample more clients")
+        return self
 
     @field_validator("model")
     @classmethod

@@ -5,10 +5,18 @@ Per round: (1) sample clients, (2) broadcast the global state as a serialized me
 (4) the method aggregates the replies into the next global state, (5) checkpoint and log.
 A method (see methods/base.py) only says what a client sends, how the server folds replies,
 and how the global state becomes model weights; it never owns a loop over rounds.
+
+Client failures: after the broadcast a sampled client may drop out (probability `dropout`,
+drawn from the round's own generator) or its local update may raise (logged as a warning);
+either way it uploads nothing and the round aggregates the clients that replied. A round left
+with fewer than `min_clients` replies is sampled afresh, up to `round_retries` times, and then
+the run stops with TooFewClients. Bytes are metered as exchanged: every sampled client received
+the broadcast, only the clients that replied uploaded.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +26,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from edgetune.config import BadInput, clients_per_round
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
+
+LOG = logging.getLogger(__name__)
+ROUND_STREAM = 0x5EED_D0  # keeps the round generator's entropy apart from the clients'
+
+
+class TooFewClients(RuntimeError):
+    """A round kept fewer than min_clients replies after all its retries."""
 
 
 @dataclass
@@ -37,24 +53,42 @@ class ClientData:
 @dataclass
 class RoundLog:
     round: int
-    clients: list[int]
+    clients: list[int]  # the clients whose replies were aggregated
     train_loss: float  # sample-weighted mean of the clients' local losses
-    bytes_up_per_client: float
-    bytes_down_per_client: float
+    bytes_up_per_client: float  # mean reply size
+    bytes_down_per_client: float  # broadcast size
     seconds: float
+    dropped: list[int] = field(default_factory=list)  # sampled, sent nothing (every try of the round)
+    retries: int = 0  # fresh samples taken to reach min_clients
+    bytes_exchanged: int = 0  # every broadcast received and every reply sent, retries included
     extra: dict[str, float] = field(default_factory=dict)  # method-specific, e.g. FwdLLM's n
 
     def metrics(self) -> dict[str, float]:
         d = asdict(self)
         d.pop("clients")
+        d.pop("dropped")
         d.pop("round")
         d.update(d.pop("extra"))
-        d["num_clients"] = len(self.clients)
+        d["clients_aggregated"] = len(self.clients)
+        d["clients_dropped"] = len(self.dropped)
         return d
 
 
-def clients_per_round(num_clients: int, rate: float) -> int:
-    return max(1, round(rate * num_clients))
+@dataclass
+class Attempt:
+    """One try at a round's local work: who was sampled, who replied, what crossed the wire."""
+
+    sampled: list[int]
+    down_size: int
+    replied: list[int] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
+    up_sizes: list[int] = field(default_factory=list)
+    dropped: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.down_size * len(self.sampled) + sum(self.up_sizes)
 
 
 def sample_clients(rng: np.random.Generator, num_clients: int, rate: float) -> list[int]:
@@ -70,6 +104,56 @@ def client_generator(seed: int, round_: int, client_id: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(entropy))
 
 
+def round_generator(seed: int, round_: int, attempt: int) -> np.random.Generator:
+    """A round's own RNG for dropouts and a retry's fresh sample, from (seed, round, attempt)
+    alone: it never draws from the sampling stream, so dropout 0 changes no other draw."""
+    return np.random.default_rng([ROUND_STREAM, seed, round_, attempt])
+
+
+def drop_out(rng: np.random.Generator, sampled: list[int], p: float) -> set[int]:
+    """The sampled clients that drop out after the broadcast, each with probability p."""
+    return {cid for cid, u in zip(sampled, rng.random(len(sampled))) if u < p}
+
+
+def local_update(method, model, down: bytes, data: ClientData, rng: torch.Generator) -> bytes:
+    """One client's work: decode the broadcast, train, serialize the reply."""
+    return to_bytes(method.client_update(model, from_bytes(down), data, rng))
+
+
+def run_clients(method, model, clients: list[ClientData], sampled: list[int], down: bytes,
+                seed: int, round_: int, dropouts: set[int]) -> Attempt:
+    """Local work of every sampled client that stays. A client whose update raises is dropped
+    from the round with a warning (bad input still stops the run); it sends nothing."""
+    attempt = Attempt(sampled, len(down))
+    for cid in sampled:
+        if cid in dropouts:
+            attempt.dropped.append(cid)
+            continue
+        try:
+            wire = local_update(method, model, down, clients[cid], client_generator(seed, round_, cid))
+        except BadInput:
+            raise
+        except Exception as e:
+            LOG.warning("round %d: client %d failed and is dropped from the round (%s: %s)",
+                        round_, cid, type(e).__name__, e)
+            attempt.dropped.append(cid)
+            attempt.errors.append(f"client {cid}: {type(e).__name__}: {e}")
+            continue
+        attempt.replied.append(cid)
+        attempt.up_sizes.append(len(wire))
+        attempt.replies.append(from_bytes(wire))
+    return attempt
+
+
+def too_few(round_: int, tries: list[Attempt], min_clients: int) -> TooFewClients:
+    last = tries[-1]
+    error = f"; last client error: {last.errors[-1]}" if last.errors else ""
+    return TooFewClients(
+        f"round {round_}: {len(last.replies)} of {len(last.sampled)} sampled clients replied, fewer "
+        f"than finetune.min_clients = {min_clients}, after {len(tries) - 1} retries (dropouts: "
+        f"{len(last.dropped) - len(last.errors)}, failures: {len(last.errors)}{error})")
+
+
 def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -> None:
     """Write the global state after a round; write-then-rename so a crash leaves the old one."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -80,39 +164,51 @@ def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -
 
 def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
                    sample_rate: float, seed: int, checkpoint_dir: Path | None = None,
-                   on_round: Callable[[RoundLog], None] | None = None):
-    """Run all rounds; returns (final global state, list of RoundLog)."""
+                   on_round: Callable[[RoundLog], None] | None = None, dropout: float = 0.0,
+                   min_clients: int = 1, round_retries: int = 2):
+    """Run all rounds; returns (final global state, list of RoundLog). Clients that drop out
+    or fail are left out of their round (see the module docstring); TooFewClients if a round
+    cannot reach min_clients replies."""
+    if min_clients > clients_per_round(len(clients), sample_rate):
+        raise TooFewClients(f"finetune.min_clients = {min_clients}, but a round samples only "
+                            f"{clients_per_round(len(clients), sample_rate)} clients")
     rng = np.random.default_rng(seed)
     state = method.init_state(model)
     history: list[RoundLog] = []
     bar = tqdm(range(1, num_rounds + 1), desc=f"{method.name} rounds", unit="round")
     for rnd in bar:
         t0 = time.perf_counter()
-        # 1) sample this round's clients
-        sampled = sample_clients(rng, len(clients), sample_rate)
-        # 2) broadcast: every sampled client decodes the same bytes
-        down = to_bytes(method.downlink(state))
-        # 3) local work on each client; only the serialized reply reaches the server
-        replies, up_sizes = [], []
-        for cid in sampled:
-            client_rng = client_generator(seed, rnd, cid)
-            reply = method.client_update(model, from_bytes(down), clients[cid], client_rng)
-            wire = to_bytes(reply)
-            up_sizes.append(len(wire))
-            replies.append(from_bytes(wire))
+        tries: list[Attempt] = []
+        for attempt in range(round_retries + 1):
+            round_rng = round_generator(seed, rnd, attempt)
+            # 1) sample this round's clients (a retry samples afresh from the round's own RNG)
+            sampled = sample_clients(round_rng if attempt else rng, len(clients), sample_rate)
+            # 2) broadcast: every sampled client decodes the same bytes
+            down = to_bytes(method.downlink(state))
+            # 3) local work on each client that stays; only the serialized reply reaches the server
+            tries.append(run_clients(method, model, clients, sampled, down, seed, rnd,
+                                     drop_out(round_rng, sampled, dropout)))
+            if len(tries[-1].replies) >= min_clients:
+                break
+        else:
+            raise too_few(rnd, tries, min_clients)
+        done = tries[-1]
         # 4) aggregate into the next global state
-        state = method.aggregate(state, replies)
+        state = method.aggregate(state, done.replies)
         # 5) checkpoint and log
         if checkpoint_dir is not None:
             save_checkpoint(state, rnd, checkpoint_dir)
-        weights = np.array([r.meta["num_samples"] for r in replies], dtype=float)
-        losses = np.array([r.meta["loss"] for r in replies], dtype=float)
+        weights = np.array([r.meta["num_samples"] for r in done.replies], dtype=float)
+        losses = np.array([r.meta["loss"] for r in done.replies], dtype=float)
         log = RoundLog(
-            round=rnd, clients=sampled,
+            round=rnd, clients=done.replied,
             train_loss=float((weights * losses).sum() / weights.sum()),
-            bytes_up_per_client=float(np.mean(up_sizes)),
-            bytes_down_per_client=float(len(down)),
+            bytes_up_per_client=float(np.mean(done.up_sizes)),
+            bytes_down_per_client=float(done.down_size),
             seconds=time.perf_counter() - t0,
+            dropped=[cid for t in tries for cid in t.dropped],
+            retries=len(tries) - 1,
+            bytes_exchanged=sum(t.bytes for t in tries),
             extra=method.round_metrics(state),
         )
         history.append(log)

@@ -64,6 +64,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
     state, history = run_federation(
         method, model, clients, num_rounds=cfg.num_rounds, sample_rate=sample_rate,
         seed=cfg.seed, checkpoint_dir=out_dir / "checkpoint", on_round=on_round,
+        dropout=cfg.dropout, min_clients=cfg.min_clients, round_retries=cfg.round_retries,
     )
     method.export(model, state, out_dir)
     summary = {
@@ -72,8 +73,8 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         "bytes_up_per_client_round": history[-1].bytes_up_per_client,
         "bytes_down_per_client_round": history[-1].bytes_down_per_client,
         "bytes_per_client_round": history[-1].bytes_up_per_client + history[-1].bytes_down_per_client,
-        "bytes_total": sum((h.bytes_up_per_client + h.bytes_down_per_client) * len(h.clients)
-                           for h in history),
+        "bytes_total": sum(h.bytes_exchanged for h in history),  # dropped clients: download only
+        "clients_dropped": sum(len(h.dropped) for h in history),
         "trainable_params": trainable,
         "trainable_set": cfg.trainable_set,
         "seconds": sum(h.seconds for h in history),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Callable, Sequence
 
@@ -154,3 +155,14 @@ def snapshot(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 def restore(params: Sequence[torch.Tensor], saved: Sequence[torch.Tensor]) -> None:
     for p, s in zip(params, saved):
         p.data.copy_(s)
+
+
+@contextmanager
+def restored(params: Sequence[torch.Tensor]):
+    """Run the body, then put params back as they were, also when the body raises (a failed
+    client must leave the shared model at the global weights for the next one)."""
+    saved = snapshot(params)
+    try:
+        yield
+    finally:
+        restore(params, saved)

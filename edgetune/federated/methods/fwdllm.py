@@ -48,23 +48,22 @@ class FwdLLM(JOB):
     @torch.no_grad()
     def client_update(self, model, down, data, rng):
         self.sync(model, down)
-        saved = zo.snapshot(self.params)
-        n, c, max_n = int(down.tensors["n"][0]), self.cfg.zo.candidates, self.cfg.zo.max_perturbations
-        playing = int(down.meta["round"]) + 1
-        seeds, grads, losses = [], [], []
-        for step in range(self.cfg.local_steps):
-            batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
-            loss_fn = lambda: self.objective.loss(model, batch)
-            chosen = [self.pick([job_seed(self.cfg.seed, playing, data.client_id,
-                                          (step * max_n + p) * c + k) for k in range(c)])
-                      for p in range(n)]
-            estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo.eps) for s in chosen]
-            for s, (g, _) in zip(chosen, estimates):  # the step: mean of the n estimates
-                zo.apply_update(self.params, s, g / n, self.cfg.zo.lr, self.cfg.weight_decay)
-            seeds += chosen
-            grads += [g / n for g, _ in estimates]
-            losses += [loss for _, loss in estimates]
-        zo.restore(self.params, saved)
+        with zo.restored(self.params):  # back to the global weights for the next client
+            n, c, max_n = int(down.tensors["n"][0]), self.cfg.zo.candidates, self.cfg.zo.max_perturbations
+            playing = int(down.meta["round"]) + 1
+            seeds, grads, losses = [], [], []
+            for step in range(self.cfg.local_steps):
+                batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
+                loss_fn = lambda: self.objective.loss(model, batch)
+                chosen = [self.pick([job_seed(self.cfg.seed, playing, data.client_id,
+                                              (step * max_n + p) * c + k) for k in range(c)])
+                          for p in range(n)]
+                estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo.eps) for s in chosen]
+                for s, (g, _) in zip(chosen, estimates):  # the step: mean of the n estimates
+                    zo.apply_update(self.params, s, g / n, self.cfg.zo.lr, self.cfg.weight_decay)
+                seeds += chosen
+                grads += [g / n for g, _ in estimates]
+                losses += [loss for _, loss in estimates]
         return self.reply(seeds, grads, data, sum(losses) / len(losses))
 
     def client_seeds(self, down, data, rng):  # unused: client_update picks seeds per step

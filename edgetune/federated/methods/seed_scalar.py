@@ -50,25 +50,24 @@ class SeedScalarMethod(FederatedMethod):
     @torch.no_grad()
     def client_update(self, model, down, data: ClientData, rng):
         self.sync(model, down)
-        saved = zo.snapshot(self.params)
-        seeds = self.client_seeds(down, data, rng)
-        n, eps, lr = self.cfg.zo.samples, self.cfg.zo.eps, self.cfg.zo.lr
-        grads, losses = [], []
-        for step in range(self.cfg.local_steps):
-            batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
-            loss_fn = lambda: self.objective.loss(model, batch)
-            step_seeds = seeds[step * n:(step + 1) * n]
-            if n == 1:  # plain MeZO: the fused step
-                g, loss = zo.step(self.params, loss_fn, step_seeds[0], eps, lr)
-                estimates = [(g, loss)]
-            else:  # n-SPSA: n estimates on the same batch, then their mean as one step
-                estimates = [zo.projected_gradient(self.params, loss_fn, s, eps) for s in step_seeds]
-                for s, (g, _) in zip(step_seeds, estimates):
-                    zo.apply_update(self.params, s, g / n, lr)
-            zo.decay(self.params, lr, self.cfg.weight_decay)
-            grads += [g / n for g, _ in estimates]
-            losses += [loss for _, loss in estimates]
-        zo.restore(self.params, saved)  # back to the global weights for the next client
+        with zo.restored(self.params):  # back to the global weights for the next client
+            seeds = self.client_seeds(down, data, rng)
+            n, eps, lr = self.cfg.zo.samples, self.cfg.zo.eps, self.cfg.zo.lr
+            grads, losses = [], []
+            for step in range(self.cfg.local_steps):
+                batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
+                loss_fn = lambda: self.objective.loss(model, batch)
+                step_seeds = seeds[step * n:(step + 1) * n]
+                if n == 1:  # plain MeZO: the fused step
+                    g, loss = zo.step(self.params, loss_fn, step_seeds[0], eps, lr)
+                    estimates = [(g, loss)]
+                else:  # n-SPSA: n estimates on the same batch, then their mean as one step
+                    estimates = [zo.projected_gradient(self.params, loss_fn, s, eps) for s in step_seeds]
+                    for s, (g, _) in zip(step_seeds, estimates):
+                        zo.apply_update(self.params, s, g / n, lr)
+                zo.decay(self.params, lr, self.cfg.weight_decay)
+                grads += [g / n for g, _ in estimates]
+                losses += [loss for _, loss in estimates]
         return self.reply(seeds, grads, data, sum(losses) / len(losses))
 
     # ----------------------------------------------------------------- method specifics

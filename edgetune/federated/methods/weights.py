@@ -90,15 +90,17 @@ class WeightMethod(FederatedMethod):
         model.train()
         opt = torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
         losses = []
-        for _ in range(self.cfg.local_steps):
-            loss = self.loss(model, *sample_batch(data, self.cfg.batch_size, rng))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-        for p in frozen:
-            p.requires_grad_(True)
-        model.eval()
+        try:
+            for _ in range(self.cfg.local_steps):
+                loss = self.loss(model, *sample_batch(data, self.cfg.batch_size, rng))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        finally:  # also when the client fails: the next one finds the model as it was
+            for p in frozen:
+                p.requires_grad_(True)
+            model.eval()
         return sum(losses) / len(losses)
 
     def aggregate(self, state, replies):
