@@ -173,6 +173,38 @@ Method = Literal["fedit", "fedpeptao", "fedprompt", "fedbitfit", "fedselft", "fe
                  "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm"]
 
 
+class AggregationParams(Section):
+    """How the server folds the clients' replies (Byzantine-robust rules: edgetune/federated/
+    aggregation.py). mean = each method's own sample-weighted mean, bit-identical to before."""
+
+    rule: Literal["mean", "median", "trimmed_mean", "krum", "clipped_mean"] = Field(
+        "mean", description="mean | median (per coordinate) | trimmed_mean (per coordinate, beta "
+        "cut per side) | krum (Blanchard et al. 2017: the reply closest to its n-f-2 neighbours) | "
+        "clipped_mean (each update clipped to norm tau, then the weighted mean); seed-scalar "
+        "methods whose clients never share a seed (job, fwdllm, mezo) take mean or clipped_mean")
+    beta: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut on each side")
+    tau: float = Field(1.0, gt=0, description="clipped_mean: largest update norm a client keeps "
+                       "(weights: of its difference to the global state; seed-scalar: of its scalars)")
+    krum_f: int = Field(1, ge=0, description="krum: malicious clients assumed per round; needs "
+                        "clients per round >= 2 krum_f + 3")
+
+
+class AttackParams(Section):
+    """Simulated Byzantine clients (edgetune/federated/attacks.py): a seeded choice of
+    round(fraction x clients) client ids corrupt every reply after local work, before it is
+    serialized (so its bytes are metered as sent)."""
+
+    fraction: float = Field(0.0, ge=0, le=1, description="share of the clients that are malicious")
+    kind: Literal["none", "scaled", "sign_flip", "random", "replayed_seeds"] = Field(
+        "none", description="scaled: update x scale | sign_flip: update x -scale (scale 1: a plain "
+        "flip) | random: Gaussian noise of the update's norm | replayed_seeds: resend the seeds and "
+        "scalars of the last round it was sampled in (weight methods: that update)")
+    scale: float = Field(10.0, description="scaled / sign_flip: the factor on the update")
+
+
+ROBUST_SEEDLESS = ("mean", "clipped_mean")  # the rules for methods whose clients share no seed
+
+
 class FinetuneParams(Section):
     method: Method = Field(
         "fedit", description="federated method (registry name); mezo = one centralized client")
@@ -203,6 +235,8 @@ class FinetuneParams(Section):
         "and the round is sampled afresh")
     round_retries: int = Field(
         2, ge=0, description="fresh samples a round may take to reach min_clients before the stage fails")
+    aggregation: AggregationParams = AggregationParams()
+    attack: AttackParams = AttackParams()
 
     @model_validator(mode="after")
     def _trainable_fits_method(self):
@@ -212,6 +246,10 @@ class FinetuneParams(Section):
         if self.method == "fwdllm" and self.trainable == "full":
             raise ValueError("finetune.trainable: fwdllm trains PEFT weights (lora, prefix, prompt, "
                              "bitfit); use one of those or auto")
+        rule = self.aggregation.rule
+        if self.method in ("job", "fwdllm", "mezo") and rule not in ROBUST_SEEDLESS:
+            raise ValueError(f"finetune.aggregation.rule: {rule} compares clients seed by seed, but "
+                             f"{self.method}'s clients never share a seed; use one of {list(ROBUST_SEEDLESS)}")
         return self
 
     @property
@@ -394,6 +432,10 @@ class Params(Section):
         if ft.min_clients > k:
             raise ValueError(f"finetune.min_clients: {ft.min_clients} is more clients than a round "
                              f"samples ({why}); lower it or sample more clients")
+        f = ft.aggregation.krum_f
+        if ft.aggregation.rule == "krum" and k < 2 * f + 3:
+            raise ValueError(f"finetune.aggregation.krum_f: {f} needs at least 2 krum_f + 3 = {2 * f + 3} "
+                             f"clients per round, a round samples {k} ({why})")
         return self
 
     @field_validator("model")

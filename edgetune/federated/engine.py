@@ -12,6 +12,9 @@ either way it uploads nothing and the round aggregates the clients that replied.
 with fewer than `min_clients` replies is sampled afresh, up to `round_retries` times, and then
 the run stops with TooFewClients. Bytes are metered as exchanged: every sampled client received
 the broadcast, only the clients that replied uploaded.
+
+Byzantine clients (attacks.py) corrupt their reply in step 3, before it is serialized; robust
+rules (aggregation.py) act inside each method's aggregate in step 4.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -115,22 +119,28 @@ def drop_out(rng: np.random.Generator, sampled: list[int], p: float) -> set[int]
     return {cid for cid, u in zip(sampled, rng.random(len(sampled))) if u < p}
 
 
-def local_update(method, model, down: bytes, data: ClientData, rng: torch.Generator) -> bytes:
-    """One client's work: decode the broadcast, train, serialize the reply."""
-    return to_bytes(method.client_update(model, from_bytes(down), data, rng))
+def local_update(method, model, down: bytes, data: ClientData, rng: torch.Generator,
+                 corrupt: Callable[[Message, Message], Message] | None = None) -> bytes:
+    """One client's work: decode the broadcast, train, serialize the reply (a malicious
+    client's corrupted first by `corrupt(broadcast, reply)`, see attacks.py)."""
+    msg = from_bytes(down)
+    reply = method.client_update(model, msg, data, rng)
+    return to_bytes(reply if corrupt is None else corrupt(msg, reply))
 
 
 def run_clients(method, model, clients: list[ClientData], sampled: list[int], down: bytes,
-                seed: int, round_: int, dropouts: set[int]) -> Attempt:
+                seed: int, round_: int, dropouts: set[int], attack=None) -> Attempt:
     """Local work of every sampled client that stays. A client whose update raises is dropped
-    from the round with a warning (bad input still stops the run); it sends nothing."""
+    from the round with a warning (bad input still stops the run); it sends nothing. With an
+    `attack` (attacks.Attack), malicious clients corrupt their reply before sending it."""
     attempt = Attempt(sampled, len(down))
     for cid in sampled:
         if cid in dropouts:
             attempt.dropped.append(cid)
             continue
         try:
-            wire = local_update(method, model, down, clients[cid], client_generator(seed, round_, cid))
+            corrupt = None if attack is None else partial(attack.corrupt, method, round_, cid)
+            wire = local_update(method, model, down, clients[cid], client_generator(seed, round_, cid), corrupt)
         except BadInput:
             raise
         except Exception as e:
@@ -165,10 +175,10 @@ def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -
 def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
                    sample_rate: float, seed: int, checkpoint_dir: Path | None = None,
                    on_round: Callable[[RoundLog], None] | None = None, dropout: float = 0.0,
-                   min_clients: int = 1, round_retries: int = 2):
+                   min_clients: int = 1, round_retries: int = 2, attack=None):
     """Run all rounds; returns (final global state, list of RoundLog). Clients that drop out
     or fail are left out of their round (see the module docstring); TooFewClients if a round
-    cannot reach min_clients replies."""
+    cannot reach min_clients replies. `attack` (attacks.Attack) makes some clients malicious."""
     if min_clients > clients_per_round(len(clients), sample_rate):
         raise TooFewClients(f"finetune.min_clients = {min_clients}, but a round samples only "
                             f"{clients_per_round(len(clients), sample_rate)} clients")
@@ -187,13 +197,13 @@ def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
             down = to_bytes(method.downlink(state))
             # 3) local work on each client that stays; only the serialized reply reaches the server
             tries.append(run_clients(method, model, clients, sampled, down, seed, rnd,
-                                     drop_out(round_rng, sampled, dropout)))
+                                     drop_out(round_rng, sampled, dropout), attack))
             if len(tries[-1].replies) >= min_clients:
                 break
         else:
             raise too_few(rnd, tries, min_clients)
         done = tries[-1]
-        # 4) aggregate into the next global state
+        # 4) aggregate into the next global state (by finetune.aggregation's rule)
         state = method.aggregate(state, done.replies)
         # 5) checkpoint and log
         if checkpoint_dir is not None:

@@ -46,6 +46,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
              on_round: Callable[[RoundLog], None] | None = None) -> tuple[dict, list[RoundLog]]:
     import torch
 
+    from edgetune.federated.attacks import Attack
     from edgetune.federated.methods import build_method, get_method
     from edgetune.models import load_hf
     from edgetune.tasks import get_task
@@ -65,6 +66,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         method, model, clients, num_rounds=cfg.num_rounds, sample_rate=sample_rate,
         seed=cfg.seed, checkpoint_dir=out_dir / "checkpoint", on_round=on_round,
         dropout=cfg.dropout, min_clients=cfg.min_clients, round_retries=cfg.round_retries,
+        attack=Attack(cfg.attack, len(clients), cfg.seed) if cfg.attack.kind != "none" else None,
     )
     method.export(model, state, out_dir)
     summary = {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from edgetune.federated.aggregation import robust_scalars
 from edgetune.federated.methods.seed_scalar import SeedScalarMethod, weights_of
 from edgetune.federated.protocol import Message
 
@@ -72,8 +73,13 @@ class FedKSeed(SeedScalarMethod):
 
     def aggregate(self, state, replies):
         scalars = torch.zeros(len(self.candidates))
-        for r, w in zip(replies, weights_of(replies)):
-            scalars.index_add_(0, r.tensors["index"].long(), r.tensors["grads"] * w)
+        if self.cfg.aggregation.rule == "mean":
+            for r, w in zip(replies, weights_of(replies)):
+                scalars.index_add_(0, r.tensors["index"].long(), r.tensors["grads"] * w)
+        else:  # robust: per candidate seed across clients (finetune.aggregation)
+            vectors = torch.stack([scalars.index_add(0, r.tensors["index"].long(), r.tensors["grads"])
+                                   for r in replies])
+            scalars = robust_scalars(self.cfg.aggregation, vectors, weights_of(replies))
         return {"history": torch.cat([state["history"], scalars[None]]),
                 "round": state["round"] + 1}
 

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from edgetune.federated.methods.weights import WeightMethod, mean_per_key, sample_batch
+from edgetune.federated.methods.weights import WeightMethod, sample_batch
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import num_layers
 
@@ -93,7 +93,7 @@ class FedPepTAO(WeightMethod):
         if SELECTED not in state:  # after the scoring round: pick the layers once
             return {**state, SELECTED: self.pick_layers(replies)}
         blocks = {k: state[k] for k in self.blocks}
-        return {**self.server.step(blocks, mean_per_key(replies)), SELECTED: state[SELECTED]}
+        return {**self.server.step(blocks, self.client_mean(blocks, replies)), SELECTED: state[SELECTED]}
 
     def pick_layers(self, replies) -> torch.Tensor:
         def normalised(x: torch.Tensor) -> torch.Tensor:

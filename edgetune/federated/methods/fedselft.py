@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from edgetune.federated.methods.weights import WeightMethod, mean_per_key, sample_batch
+from edgetune.federated.methods.weights import WeightMethod, sample_batch
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import layer_of, num_layers
 
@@ -79,7 +79,7 @@ class FedSelFT(WeightMethod):
     def aggregate(self, state, replies):
         probes = [r.tensors.pop("_layer_sq_norms") for r in replies if "_layer_sq_norms" in r.tensors]
         blocks = {k: state[k] for k in self.blocks}
-        new = self.server.step(blocks, mean_per_key(replies))
+        new = self.server.step(blocks, self.client_mean(blocks, replies))
         if RANKING in state:
             new[RANKING] = state[RANKING]
         elif probes:

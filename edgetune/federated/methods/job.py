@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from edgetune.federated.aggregation import clip
 from edgetune.federated.methods.seed_scalar import SeedScalarMethod, weights_of
 from edgetune.federated.protocol import Message
 
@@ -47,7 +48,11 @@ class JOB(SeedScalarMethod):
         version = int(state["round"][0]) + 1
         seeds = torch.cat([r.tensors["seeds"] for r in replies])
         # FedAvg of the clients' updates: each client's scalars scaled by its sample share.
-        grads = torch.cat([r.tensors["grads"] * w for r, w in zip(replies, weights_of(replies))])
+        # clipped_mean (finetune.aggregation): each client's scalars first clipped to norm tau.
+        clipped = self.cfg.aggregation.rule == "clipped_mean"
+        grads = torch.cat([r.tensors["grads"] * (clip(r.tensors["grads"], self.cfg.aggregation.tau) * w
+                                                 if clipped else w)
+                           for r, w in zip(replies, weights_of(replies))])
         return {"seeds": torch.cat([state["seeds"], seeds]),
                 "grads": torch.cat([state["grads"], grads]),
                 "round_of": torch.cat([state["round_of"], torch.full((len(seeds),), version, dtype=torch.int32)]),

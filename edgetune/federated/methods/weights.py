@@ -1,7 +1,7 @@
 """What every weight-exchanging (PEFT / full) method shares: a client loads the global blocks it
 was sent, trains its trainable set by backprop with AdamW for local_steps, and uploads the new
 values of the blocks it trained; the server averages them weighted by sample counts (Flower's
-`aggregate`) and steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
+`aggregate`; or folds them by a robust rule, finetune.aggregation) and steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
 
 The global state is a dict of named blocks (trainable parameters, or parts of one). By default
 every block goes both ways (FedIT, prompt tuning, BitFit, full fine-tuning); FedSelFT and
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from edgetune.federated.aggregation import robust_blocks
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.protocol import Message
@@ -103,8 +104,15 @@ class WeightMethod(FederatedMethod):
             model.eval()
         return sum(losses) / len(losses)
 
+    def client_mean(self, state, replies) -> dict[str, torch.Tensor]:
+        """The blocks the server optimizer steps towards: the sample-weighted mean, or a robust
+        rule's fold (finetune.aggregation, edgetune/federated/aggregation.py)."""
+        if self.cfg.aggregation.rule == "mean":
+            return mean_per_key(replies)
+        return robust_blocks(self.cfg.aggregation, state, replies)
+
     def aggregate(self, state, replies):
-        return self.server.step(state, mean_per_key(replies))
+        return self.server.step(state, self.client_mean(state, replies))
 
     def apply_global(self, model, state):
         self.load(state)
