@@ -145,6 +145,18 @@ def measure_peak_memory(results: dict, data: Path, task: str) -> None:
         print(f"{label}: peak {r['peak_rss_mb']:.0f} MB")
 
 
+def keep_reference_speed(timed: dict, reference: dict) -> None:
+    """--redo: the redone recipes were timed next to a fresh fp32 run, possibly on a busier
+    machine than the kept rows. Keep fp32's earlier tokens/s (the kept rows' reference) and
+    give each redone recipe fp32's earlier speed x its speed ratio measured in this run."""
+    fresh = timed["fp32"]["tokens_per_s"]
+    for label, r in timed.items():
+        ratio = r["tokens_per_s"] / fresh
+        r["tokens_per_s"] = reference["tokens_per_s"] * ratio
+        r["latency_ms_per_token"] = 1000 / r["tokens_per_s"]
+        r["speed_ratio_timed_with_fp32"] = ratio
+
+
 def add_ratios(results: dict) -> None:
     """Each recipe against fp32, from this one run: size, perplexity, speed, accuracy kept."""
     ref = results.get("fp32")
@@ -237,8 +249,11 @@ def main(argv=None) -> None:
     results = {k: results[k] for k in RECIPES if k in results}  # table order
     # --redo times the redone recipes next to fp32 (their ratios' reference) and keeps the rest
     timed = {k: r for k, r in results.items() if k in {"fp32", *args.redo}} if args.redo else results
+    reference = dict(results.get("fp32", {}))
     measure_speed_back_to_back(timed, data)
     measure_peak_memory(timed, data, args.task)
+    if args.redo and reference:
+        keep_reference_speed(timed, reference)
     add_ratios(results)
     (RESULTS / f"{args.name}.md").write_text(markdown_table(results))
     plot(results, RESULTS / f"{args.name}.png")
