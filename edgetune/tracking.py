@@ -113,3 +113,17 @@ def numeric(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[key] = float(v)
     return out
+
+
+def close_stale_run(run_id: str, successor: str) -> None:
+    """A killed attempt's run stays RUNNING: mark it KILLED, tagged with the run that resumed it."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    try:
+        run = client.get_run(run_id)
+    except mlflow.MlflowException:  # another store, or deleted: nothing to close
+        return
+    client.set_tag(run_id, "edgetune.resumed_by", successor)
+    if run.info.status == "RUNNING":
+        client.set_terminated(run_id, "KILLED")

@@ -15,6 +15,10 @@ the broadcast, only the clients that replied uploaded.
 
 Byzantine clients (attacks.py) corrupt their reply in step 3, before it is serialized; robust
 rules (aggregation.py) act inside each method's aggregate in step 4.
+
+Resume (resume.py): with a ResumeFolder, every round also saves what the next rounds depend
+on, and a run finding a saved round restores it and goes on from the next one, bit-identical
+to a run never stopped.
 """
 
 from __future__ import annotations
@@ -172,20 +176,52 @@ def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -
     tmp.replace(folder / "global.safetensors")
 
 
+def save_resume(resume, rnd: int, state, rng: np.random.Generator, history: list[RoundLog],
+                method) -> None:
+    """What rounds after `rnd` depend on: global state, RNG streams, history, method state."""
+    resume.save(rnd, {"state": state, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
+                      "history": [asdict(h) for h in history], "method": method.checkpoint_state()})
+
+
+def restore(resume, method, model, rng: np.random.Generator):
+    """(round, global state, history) of the last saved round, the RNGs and method restored;
+    None when nothing was saved."""
+    saved = resume.load()
+    if saved is None:
+        return None
+    history = [RoundLog(**h) for h in saved["history"]]
+    rng.bit_generator.state = saved["rng"]
+    torch.set_rng_state(saved["torch_rng"])
+    method.restore(model, saved["state"], saved["method"])
+    LOG.info("resuming after round %d of %s", history[-1].round, resume.folder)
+    return history[-1].round, saved["state"], history
+
+
 def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
                    sample_rate: float, seed: int, checkpoint_dir: Path | None = None,
                    on_round: Callable[[RoundLog], None] | None = None, dropout: float = 0.0,
-                   min_clients: int = 1, round_retries: int = 2, attack=None):
+                   min_clients: int = 1, round_retries: int = 2, attack=None, resume=None):
     """Run all rounds; returns (final global state, list of RoundLog). Clients that drop out
     or fail are left out of their round (see the module docstring); TooFewClients if a round
-    cannot reach min_clients replies. `attack` (attacks.Attack) makes some clients malicious."""
+    cannot reach min_clients replies. `attack` (attacks.Attack) makes some clients malicious.
+    `resume` (resume.ResumeFolder): go on after its last saved round (whose logs are passed to
+    `on_round` again) and save every round there."""
     if min_clients > clients_per_round(len(clients), sample_rate):
         raise TooFewClients(f"finetune.min_clients = {min_clients}, but a round samples only "
                             f"{clients_per_round(len(clients), sample_rate)} clients")
     rng = np.random.default_rng(seed)
     state = method.init_state(model)
     history: list[RoundLog] = []
-    bar = tqdm(range(1, num_rounds + 1), desc=f"{method.name} rounds", unit="round")
+    start = 1
+    if resume is not None and (saved := restore(resume, method, model, rng)) is not None:
+        done_rounds, state, history = saved
+        start = done_rounds + 1
+        if checkpoint_dir is not None:  # the outputs went with the killed attempt
+            save_checkpoint(state, done_rounds, checkpoint_dir)
+        for log in history if on_round is not None else []:
+            on_round(log)
+    bar = tqdm(range(start, num_rounds + 1), desc=f"{method.name} rounds", unit="round",
+               initial=start - 1, total=num_rounds)
     for rnd in bar:
         t0 = time.perf_counter()
         tries: list[Attempt] = []
@@ -222,6 +258,8 @@ def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
             extra=method.round_metrics(state),
         )
         history.append(log)
+        if resume is not None:
+            save_resume(resume, rnd, state, rng, history, method)
         bar.set_postfix(loss=f"{log.train_loss:.4f}")
         if on_round is not None:
             on_round(log)

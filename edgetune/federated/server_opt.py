@@ -34,6 +34,14 @@ class ServerOptimizer:
                 self.opt = torch.optim.Adam(tensors, lr=self.cfg.lr, betas=self.cfg.betas, eps=self.cfg.eps)
         return self.opt
 
+    def state_dict(self) -> dict:
+        """The optimizer's moments (none yet, or fedavg: empty), for resume."""
+        return {} if self.opt is None else self.opt.state_dict()
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], saved: dict) -> None:
+        if saved:
+            self._optimizer(state).load_state_dict(saved)
+
     @torch.no_grad()
     def step(self, state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The next global state from the current one and this round's client mean (which may

@@ -43,7 +43,9 @@ def centralize(clients: list[ClientData], cfg: FinetuneParams):
 
 
 def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetuneParams, out_dir: Path,
-             on_round: Callable[[RoundLog], None] | None = None) -> tuple[dict, list[RoundLog]]:
+             on_round: Callable[[RoundLog], None] | None = None,
+             resume=None) -> tuple[dict, list[RoundLog]]:
+    """`resume` (resume.ResumeFolder): go on after its last saved round, and save each round."""
     import torch
 
     from edgetune.federated.attacks import Attack
@@ -67,6 +69,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         seed=cfg.seed, checkpoint_dir=out_dir / "checkpoint", on_round=on_round,
         dropout=cfg.dropout, min_clients=cfg.min_clients, round_retries=cfg.round_retries,
         attack=Attack(cfg.attack, len(clients), cfg.seed) if cfg.attack.kind != "none" else None,
+        resume=resume,
     )
     method.export(model, state, out_dir)
     summary = {

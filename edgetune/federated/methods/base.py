@@ -58,6 +58,13 @@ class FederatedMethod(ABC):
         """Method-specific numbers to log after each round (none by default)."""
         return {}
 
+    def checkpoint_state(self) -> dict:
+        """What the method keeps across rounds outside the global state (saved for resume)."""
+        return {}
+
+    def restore(self, model, state: dict[str, torch.Tensor], saved: dict) -> None:
+        """Resume after a saved round: `state` is its global state, `saved` checkpoint_state()."""
+
     @abstractmethod
     def apply_global(self, model, state: dict[str, torch.Tensor]) -> None:
         """Put the global state's weights into the model (for evaluation or export)."""

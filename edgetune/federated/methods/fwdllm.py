@@ -37,6 +37,12 @@ class FwdLLM(JOB):
             seeds, grads = self.pairs_to_replay(down)
             self.direction = sum(g * zo.materialize(self.params, s) for s, g in zip(seeds, grads))
 
+    def restore(self, model, state, saved):
+        super().restore(model, state, saved)
+        if self.model_round:  # the direction sync would have left: the last round's pairs
+            seeds, grads = self.pairs_to_replay(self.downlink(state))
+            self.direction = sum(g * zo.materialize(self.params, s) for s, g in zip(seeds, grads))
+
     def pick(self, candidate_seeds: list[int]) -> int:
         if not isinstance(self.direction, torch.Tensor):
             return candidate_seeds[0]

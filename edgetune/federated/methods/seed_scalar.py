@@ -94,6 +94,11 @@ class SeedScalarMethod(FederatedMethod):
         for seeds, grads in self.history(state):
             zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
 
+    def restore(self, model, state, saved) -> None:
+        """The shared model back at the saved round's global weights (nothing else is kept)."""
+        self.rebuild(model, state)
+        self.model_round = int(self.downlink(state).meta["round"])
+
     def apply_global(self, model, state) -> None:
         self.sync(model, self.downlink(state))  # replay the last round's broadcast
 

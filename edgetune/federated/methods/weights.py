@@ -114,5 +114,11 @@ class WeightMethod(FederatedMethod):
     def aggregate(self, state, replies):
         return self.server.step(state, self.client_mean(state, replies))
 
+    def checkpoint_state(self):
+        return {"server": self.server.state_dict()}
+
+    def restore(self, model, state, saved):
+        self.server.load_state_dict({k: state[k] for k in self.blocks}, saved["server"])
+
     def apply_global(self, model, state):
         self.load(state)
