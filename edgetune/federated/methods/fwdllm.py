@@ -34,14 +34,17 @@ class FwdLLM(JOB):
         before = self.model_round
         super().sync(model, down)
         if self.model_round != before:  # new global pairs: their sum is the new direction
-            seeds, grads = self.pairs_to_replay(down)
-            self.direction = sum(g * zo.materialize(self.params, s) for s, g in zip(seeds, grads))
+            self.set_direction(down)
 
     def restore(self, model, state, saved):
         super().restore(model, state, saved)
         if self.model_round:  # the direction sync would have left: the last round's pairs
-            seeds, grads = self.pairs_to_replay(self.downlink(state))
-            self.direction = sum(g * zo.materialize(self.params, s) for s, g in zip(seeds, grads))
+            self.set_direction(self.downlink(state))
+
+    def set_direction(self, down) -> None:
+        """The search direction: the sum of the last round's global (seed, scalar) pairs."""
+        seeds, grads = self.pairs_to_replay(down)
+        self.direction = sum(g * zo.materialize(self.params, s) for s, g in zip(seeds, grads))
 
     def pick(self, candidate_seeds: list[int]) -> int:
         if not isinstance(self.direction, torch.Tensor):
