@@ -64,8 +64,8 @@ def main(argv=None) -> None:
     from benchmarks.common import RESULTS, model_dir, save
     from edgetune.config import ZO_METHODS, FinetuneParams, load_params
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.methods import build_method, get_method
-    from edgetune.federated.train import centralize, load_clients
+    from edgetune.federated.methods import get_method
+    from edgetune.federated.train import attack_of, centralize, load_clients, prepare
     from edgetune.models import load_hf
     from edgetune.scoring import accuracy, label_token_ids
     from edgetune.tasks import get_task
@@ -97,13 +97,10 @@ def main(argv=None) -> None:
         use, rate = clients, cfg.sample_rate
         if get_method(cfg.method).centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
-        torch.manual_seed(cfg.seed)
-        model, tok = load_hf(path)
-        method = build_method(cfg, tok, get_task(args.task))
-        model = method.prepare_model(model)
+        method, model = prepare(path, get_task(args.task), cfg, use, rate)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
-                                        sample_rate=rate, seed=cfg.seed)
+                                        sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, use))
         minutes = (time.perf_counter() - t0) / 60
         method.apply_global(model, state)
         acc = accuracy(model, tok, prompts, gold, ids, 16, 128, name)
@@ -116,6 +113,7 @@ def main(argv=None) -> None:
             "method": cfg.method, "lr": cfg.zo.lr if cfg.method in ZO_METHODS else cfg.client_lr,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "overrides": " ".join(s for s in args.set if s.startswith(f"{name}:")),
+            **method.round_metrics(state),  # e.g. dp_epsilon spent over the run
         }
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()})
         # a long grid should not lose finished cells to a crash: keep them in <name>.tmp

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-from edgetune.config import BadInput, flatten, load_params
+from edgetune.config import BadInput, RunFailed, flatten, load_params
 
 
 def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> None:
@@ -25,10 +25,10 @@ def run_main(main: Callable[[list[str] | None], None], argv: list[str] | None = 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         main(argv)
-    except BadInput as e:
+    except (BadInput, RunFailed) as e:
         # One line, whatever a wrapped library message holds (pandas parser errors end in \n).
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, BadInput) else 1)
 
 
 def parser(doc: str | None) -> argparse.ArgumentParser:

@@ -23,6 +23,11 @@ class BadInput(Exception):
     """Bad user input (params, data, model path): reported in one line, exit code 2."""
 
 
+class RunFailed(RuntimeError):
+    """A run that cannot go on for a reason the user can act on, not a bug (e.g. too few
+    clients replied): reported in one line, exit code 1."""
+
+
 class ParamsError(BadInput):
     pass
 
@@ -202,6 +207,21 @@ class AttackParams(Section):
     scale: float = Field(10.0, description="scaled / sign_flip: the factor on the update")
 
 
+class PrivacyParams(Section):
+    """Client-level differential privacy (edgetune/federated/privacy.py, DP-FedAvg): each
+    client's update clipped to `clip`, Gaussian noise of std noise_multiplier x clip on the sum;
+    epsilon at `delta` from opacus's RDP accountant, logged per round as dp_epsilon."""
+
+    noise_multiplier: float = Field(0.0, ge=0, description="noise std / clip; 0 = DP off")
+    clip: float = Field(1.0, gt=0, description="largest L2 norm of a client's update (weights: its "
+                        "blocks minus the global ones; fedkseed: its scalars)")
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) reported")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0
+
+
 ROBUST_SEEDLESS = ("mean", "clipped_mean")  # the rules for methods whose clients share no seed
 
 
@@ -237,6 +257,7 @@ class FinetuneParams(Section):
         2, ge=0, description="fresh samples a round may take to reach min_clients before the stage fails")
     aggregation: AggregationParams = AggregationParams()
     attack: AttackParams = AttackParams()
+    dp: PrivacyParams = PrivacyParams()
 
     @model_validator(mode="after")
     def _trainable_fits_method(self):
@@ -250,6 +271,12 @@ class FinetuneParams(Section):
         if self.method in ("job", "fwdllm", "mezo") and rule not in ROBUST_SEEDLESS:
             raise ValueError(f"finetune.aggregation.rule: {rule} compares clients seed by seed, but "
                              f"{self.method}'s clients never share a seed; use one of {list(ROBUST_SEEDLESS)}")
+        if self.dp.enabled and self.method in ("job", "fwdllm", "mezo"):
+            raise ValueError(f"finetune.dp: {self.method}'s clients never share a seed, so there is no "
+                             "sum over clients to add noise to; use fedkseed or a weight-exchanging method")
+        if self.dp.enabled and rule != "mean":
+            raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
+                             f"finetune.aggregation.rule to mean (got {rule})")
         return self
 
     @property

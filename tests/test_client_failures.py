@@ -5,6 +5,7 @@ check that rejects an impossible min_clients before any work."""
 from __future__ import annotations
 
 import importlib
+import re
 import signal
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def sigterm_restored():
 
 
 def test_finetune_stage_fails_with_its_mlflow_run_failed(tiny_model_dir, sst2_prompts, tmp_path, monkeypatch,
-                                                         sigterm_restored):
+                                                         sigterm_restored, capsys):
     import mlflow
     import pandas as pd
 
@@ -240,8 +241,12 @@ def test_finetune_stage_fails_with_its_mlflow_run_failed(tiny_model_dir, sst2_pr
             "--partitions", str(parts), "--out", str(out), "--plots", str(tmp_path / "plots"),
             "--metrics", str(tmp_path / "m.json")]
     stage = importlib.import_module("stages.finetune")
-    with pytest.raises(TooFewClients, match="round 1: .*finetune.min_clients = 2"):
+    with pytest.raises(SystemExit) as exit_:
         run_main(stage.main, argv)
+    assert exit_.value.code == 1  # a run-time failure, not bad input: one line, no traceback
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert re.match(r"error: round 1: .*finetune.min_clients = 2", lines[-1])
+    assert not any("Traceback" in line for line in lines)
     assert not out.exists() and not (tmp_path / "m.json").exists()
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("failures").experiment_id])

@@ -134,3 +134,52 @@ def test_a_changed_fingerprint_wipes_the_folder(tmp_path):
     assert same.last_round() == 1 and same.load() == {"x": 1} and same.previous_run == "run-a"
     other = ResumeFolder(tmp_path / "r", "b")
     assert other.last_round() == 0 and other.load() is None and other.previous_run == "run-a"
+
+
+class Crash(Exception):
+    pass
+
+
+def federate(tiny_model_dir, clients, cfg, resume=None, crash_after=None):
+    """A fresh model and method (as a new process would have), run through the engine; raises
+    Crash right after round `crash_after` is saved."""
+    import torch
+
+    from edgetune.federated.engine import run_federation
+    from edgetune.federated.train import attack_of, prepare
+    from edgetune.tasks import get_task
+
+    method, model = prepare(tiny_model_dir, get_task("sst2"), cfg, clients, cfg.sample_rate)
+
+    def on_round(log):
+        if log.round == crash_after:
+            raise Crash
+
+    state, _ = run_federation(method, model, clients, num_rounds=cfg.num_rounds, sample_rate=cfg.sample_rate,
+                              seed=cfg.seed, resume=resume, on_round=on_round, dropout=cfg.dropout,
+                              attack=attack_of(cfg, clients))
+    method.apply_global(model, state)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, state
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("job", {}), ("fwdllm", {}), ("fedselft", {"selft": {"strategy": "gradient-variance"}}),
+    ("fedpeptao", {}), ("fedit", {"dp": {"noise_multiplier": 1.0, "clip": 0.5}}),
+    ("fedkseed-pro", {"dp": {"noise_multiplier": 1.0, "clip": 0.5}, "dropout": 0.3}),
+])
+def test_every_method_resumes_bit_identically(tiny_model_dir, sst2_prompts, tmp_path, method, extra):
+    """The restore path of each method's own state (FwdLLM's direction and n, FedSelFT's and
+    FedPepTAO's selections, the server optimizer, the DP round counter), in process."""
+    import torch
+
+    from edgetune.config import FinetuneParams
+
+    clients = make_clients(sst2_prompts, n=4, size=16)
+    cfg = FinetuneParams(method=method, num_rounds=3, local_steps=1, batch_size=4, sample_rate=0.5,
+                         lr=5e-3, zo={"K": 16, "lr": 1e-4}, **extra)
+    ref_weights, ref_state = federate(tiny_model_dir, clients, cfg)
+    with pytest.raises(Crash):
+        federate(tiny_model_dir, clients, cfg, ResumeFolder(tmp_path, "key"), crash_after=2)
+    weights, state = federate(tiny_model_dir, clients, cfg, ResumeFolder(tmp_path, "key"))
+    assert state.keys() == ref_state.keys() and all(torch.equal(state[k], ref_state[k]) for k in state)
+    assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)

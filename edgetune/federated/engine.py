@@ -34,15 +34,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from edgetune.config import BadInput, clients_per_round
+from edgetune.config import BadInput, RunFailed, clients_per_round
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
 
 LOG = logging.getLogger(__name__)
 ROUND_STREAM = 0x5EED_D0  # keeps the round generator's entropy apart from the clients'
 
 
-class TooFewClients(RuntimeError):
-    """A round kept fewer than min_clients replies after all its retries."""
+class TooFewClients(RunFailed):
+    """A round kept fewer than min_clients replies after all its retries (exit code 1)."""
 
 
 @dataclass

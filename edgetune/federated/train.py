@@ -42,15 +42,38 @@ def centralize(clients: list[ClientData], cfg: FinetuneParams):
     return [pooled], 1.0, cfg.model_copy(update={"local_steps": steps})
 
 
+def prepare(base_dir: Path, task, cfg: FinetuneParams, clients: list[ClientData], sample_rate: float):
+    """(method, model) ready for the engine: the base model wrapped for the method (adapters
+    seeded by finetune.seed), with finetune.dp's Gaussian mechanism attached when on."""
+    import torch
+
+    from edgetune.config import clients_per_round
+    from edgetune.federated.methods import build_method
+    from edgetune.federated.privacy import GaussianMechanism
+    from edgetune.models import load_hf
+
+    torch.manual_seed(cfg.seed)  # adapter init
+    model, tok = load_hf(base_dir, dtype=torch.float32)
+    method = build_method(cfg, tok, task, model)
+    model = method.prepare_model(model)
+    if cfg.dp.enabled:
+        method.privacy = GaussianMechanism(cfg.dp, cfg.seed, clients_per_round(len(clients), sample_rate),
+                                           len(clients))
+    return method, model
+
+
+def attack_of(cfg: FinetuneParams, clients: list[ClientData]):
+    """The simulated attackers of finetune.attack (attacks.Attack), or None."""
+    from edgetune.federated.attacks import Attack
+
+    return Attack(cfg.attack, len(clients), cfg.seed) if cfg.attack.kind != "none" else None
+
+
 def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetuneParams, out_dir: Path,
              on_round: Callable[[RoundLog], None] | None = None,
              resume=None) -> tuple[dict, list[RoundLog]]:
     """`resume` (resume.ResumeFolder): go on after its last saved round, and save each round."""
-    import torch
-
-    from edgetune.federated.attacks import Attack
-    from edgetune.federated.methods import build_method, get_method
-    from edgetune.models import load_hf
+    from edgetune.federated.methods import get_method
     from edgetune.tasks import get_task
 
     method_cls = get_method(cfg.method)
@@ -59,17 +82,13 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
     sample_rate = cfg.sample_rate
     if method_cls.centralized:  # e.g. mezo: one client with all the data
         clients, sample_rate, cfg = centralize(clients, cfg)
-    torch.manual_seed(cfg.seed)  # adapter init
-    model, tok = load_hf(base_dir, dtype=torch.float32)
-    method = build_method(cfg, tok, task, model)
-    model = method.prepare_model(model)
+    method, model = prepare(base_dir, task, cfg, clients, sample_rate)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state, history = run_federation(
         method, model, clients, num_rounds=cfg.num_rounds, sample_rate=sample_rate,
         seed=cfg.seed, checkpoint_dir=out_dir / "checkpoint", on_round=on_round,
         dropout=cfg.dropout, min_clients=cfg.min_clients, round_retries=cfg.round_retries,
-        attack=Attack(cfg.attack, len(clients), cfg.seed) if cfg.attack.kind != "none" else None,
-        resume=resume,
+        attack=attack_of(cfg, clients), resume=resume,
     )
     method.export(model, state, out_dir)
     summary = {
@@ -85,6 +104,8 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         "seconds": sum(h.seconds for h in history),
         "num_clients": len(clients),
     }
+    if method.privacy:
+        summary["dp_epsilon"] = method.privacy.metrics()["dp_epsilon"]
     return summary, history
 
 

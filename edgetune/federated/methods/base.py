@@ -24,6 +24,7 @@ METHODS: dict[str, type["FederatedMethod"]] = {}  # filled by register_method
 class FederatedMethod(ABC):
     name: str = "?"
     centralized = False  # True: one client holds all the data (e.g. mezo)
+    privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by train.finetune)
 
     def __init__(self, cfg: FinetuneParams, tok, objective):
         self.cfg = cfg
@@ -55,15 +56,17 @@ class FederatedMethod(ABC):
         """Fold the clients' replies into the next global state."""
 
     def round_metrics(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Method-specific numbers to log after each round (none by default)."""
-        return {}
+        """Method-specific numbers to log after each round (with DP: epsilon spent so far)."""
+        return self.privacy.metrics() if self.privacy else {}
 
     def checkpoint_state(self) -> dict:
         """What the method keeps across rounds outside the global state (saved for resume)."""
-        return {}
+        return {"dp_rounds": self.privacy.rounds} if self.privacy else {}
 
     def restore(self, model, state: dict[str, torch.Tensor], saved: dict) -> None:
         """Resume after a saved round: `state` is its global state, `saved` checkpoint_state()."""
+        if self.privacy:
+            self.privacy.rounds = saved["dp_rounds"]
 
     @abstractmethod
     def apply_global(self, model, state: dict[str, torch.Tensor]) -> None:

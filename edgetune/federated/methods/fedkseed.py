@@ -73,7 +73,10 @@ class FedKSeed(SeedScalarMethod):
 
     def aggregate(self, state, replies):
         scalars = torch.zeros(len(self.candidates))
-        if self.cfg.aggregation.rule == "mean":
+        if self.privacy:  # clipped, summed, noised on every candidate, / planned clients (privacy.py)
+            vectors = [{"s": scalars.index_add(0, r.tensors["index"].long(), r.tensors["grads"])} for r in replies]
+            scalars = self.privacy.noisy_mean(vectors, {"s": scalars})["s"]
+        elif self.cfg.aggregation.rule == "mean":
             for r, w in zip(replies, weights_of(replies)):
                 scalars.index_add_(0, r.tensors["index"].long(), r.tensors["grads"] * w)
         else:  # robust: per candidate seed across clients (finetune.aggregation)

@@ -106,4 +106,4 @@ class FedPepTAO(WeightMethod):
         return torch.sort(torch.topk(scores, k).indices).values.to(torch.int16)
 
     def round_metrics(self, state):
-        return {"layers_selected": float(len(self.selected(state) or []))}
+        return {**super().round_metrics(state), "layers_selected": float(len(self.selected(state) or []))}

@@ -87,7 +87,7 @@ class FedSelFT(WeightMethod):
         return new
 
     def round_metrics(self, state):
-        return {"layers_moved": float(len({layer_of(k) for k in self.down_keys(state)} - {None}))}
+        return {**super().round_metrics(state), "layers_moved": float(len({layer_of(k) for k in self.down_keys(state)} - {None}))}
 
 
 def rank_layers(sq_norms: torch.Tensor) -> torch.Tensor:

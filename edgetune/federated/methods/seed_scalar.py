@@ -95,7 +95,8 @@ class SeedScalarMethod(FederatedMethod):
             zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
 
     def restore(self, model, state, saved) -> None:
-        """The shared model back at the saved round's global weights (nothing else is kept)."""
+        """The shared model back at the saved round's global weights."""
+        super().restore(model, state, saved)
         self.rebuild(model, state)
         self.model_round = int(self.downlink(state).meta["round"])
 

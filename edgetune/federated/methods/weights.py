@@ -105,8 +105,13 @@ class WeightMethod(FederatedMethod):
         return sum(losses) / len(losses)
 
     def client_mean(self, state, replies) -> dict[str, torch.Tensor]:
-        """The blocks the server optimizer steps towards: the sample-weighted mean, or a robust
-        rule's fold (finetune.aggregation, edgetune/federated/aggregation.py)."""
+        """The blocks the server optimizer steps towards: the sample-weighted mean, a robust
+        rule's fold (finetune.aggregation, edgetune/federated/aggregation.py), or with DP the
+        global blocks plus the noisy mean of the clipped updates (privacy.py)."""
+        if self.privacy:
+            updates = [{k: r.tensors[k] - state[k] for k in r.tensors if k in self.blocks} for r in replies]
+            noisy = self.privacy.noisy_mean(updates, {k: state[k] for k in self.blocks})
+            return {k: state[k] + d for k, d in noisy.items()}
         if self.cfg.aggregation.rule == "mean":
             return mean_per_key(replies)
         return robust_blocks(self.cfg.aggregation, state, replies)
@@ -115,9 +120,10 @@ class WeightMethod(FederatedMethod):
         return self.server.step(state, self.client_mean(state, replies))
 
     def checkpoint_state(self):
-        return {"server": self.server.state_dict()}
+        return {**super().checkpoint_state(), "server": self.server.state_dict()}
 
     def restore(self, model, state, saved):
+        super().restore(model, state, saved)
         self.server.load_state_dict({k: state[k] for k in self.blocks}, saved["server"])
 
     def apply_global(self, model, state):
