@@ -69,12 +69,10 @@ def test_dp_run_logs_epsilon_and_noise_moves_the_model(tiny_model_dir, sst2_prom
     clients = make_clients(sst2_prompts, n=4, size=16)
     plain, _ = run(tiny_model_dir, clients, name)
     small, h_small = run(tiny_model_dir, clients, name, noise_multiplier=0.5, clip=0.1)
-    again, _ = run(tiny_model_dir, clients, name, noise_multiplier=0.5, clip=0.1)
     big, h_big = run(tiny_model_dir, clients, name, noise_multiplier=5.0, clip=0.1)
     eps = [h.extra["dp_epsilon"] for h in h_small]
     assert 0 < eps[0] < eps[1]  # spent per round, accumulating
     assert h_big[-1].extra["dp_epsilon"] < eps[-1]  # more noise, less epsilon
-    assert all(torch.equal(small[k], again[k]) for k in small)  # seeded noise: reproducible
     keys = ["history"] if name == "fedkseed" else list(plain)
     dist = lambda s: float(sum((s[k] - plain[k]).double().pow(2).sum() for k in keys).sqrt())
     assert 0 < dist(small) < dist(big)
