@@ -59,7 +59,6 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
 
     import pandas as pd
-    import torch
 
     from benchmarks.common import RESULTS, model_dir, save
     from edgetune.config import ZO_METHODS, FinetuneParams, load_params

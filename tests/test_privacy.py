@@ -86,6 +86,6 @@ def test_dp_params_are_checked():
     with pytest.raises(ParamsError, match=r"finetune\.dp: .*rule to mean \(got median\)"):
         parse_params({"finetune": {"dp": {"noise_multiplier": 1.0}, "aggregation": {"rule": "median"}}})
     for key, value in [("noise_multiplier", -1), ("clip", 0), ("delta", 1.5), ("epsilon", 3)]:
-        with pytest.raises(ParamsError, match=f"finetune.dp"):
+        with pytest.raises(ParamsError, match="finetune.dp"):
             parse_params({"finetune": {"dp": {key: value}}})
     parse_params({"finetune": {"method": "job", "dp": {"noise_multiplier": 0.0}}})  # off: any method

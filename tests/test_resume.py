@@ -143,8 +143,6 @@ class Crash(Exception):
 def federate(tiny_model_dir, clients, cfg, resume=None, crash_after=None):
     """A fresh model and method (as a new process would have), run through the engine; raises
     Crash right after round `crash_after` is saved."""
-    import torch
-
     from edgetune.federated.engine import run_federation
     from edgetune.federated.train import attack_of, prepare
     from edgetune.tasks import get_task
