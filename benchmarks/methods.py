@@ -96,7 +96,7 @@ def main(argv=None) -> None:
         use, rate = clients, cfg.sample_rate
         if get_method(cfg.method).centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
-        method, model = prepare(path, get_task(args.task), cfg, use, rate)
+        method, model = prepare(path, get_task(args.task), cfg, len(use), rate)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
                                         sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, use))

@@ -184,7 +184,7 @@ class AggregationParams(Section):
 
     rule: Literal["mean", "median", "trimmed_mean", "krum", "clipped_mean"] = Field(
         "mean", description="mean | median (per coordinate) | trimmed_mean (per coordinate, beta "
-        "cut per side) | krum (Blanchard et al. 2017: the reply closest to its n-f-2 neighbours) | "
+        "cut per side) | krum (Blanchard et al. 2017: the replies closest to their n-f-2 neighbours) | "
         "clipped_mean (each update clipped to norm tau, then the weighted mean); seed-scalar "
         "methods whose clients never share a seed (job, fwdllm, mezo) take mean or clipped_mean")
     beta: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut on each side")
@@ -192,6 +192,21 @@ class AggregationParams(Section):
                        "(weights: of its difference to the global state; seed-scalar: of its scalars)")
     krum_f: int = Field(1, ge=0, description="krum: malicious clients assumed per round; needs "
                         "clients per round >= 2 krum_f + 3")
+    krum_keep: int | Literal["auto"] = Field(
+        "auto", description="krum: replies averaged, the best-scored first; auto = the round's "
+        "replies minus krum_f (Multi-Krum, El Mhamdi et al. 2018); 1 = Krum's single reply")
+
+    @field_validator("krum_keep")
+    @classmethod
+    def _keep_positive(cls, v):
+        if v != "auto" and v < 1:
+            raise ValueError(f"finetune.aggregation.krum_keep: {v}; expected auto or an integer >= 1")
+        return v
+
+    def krum_to_keep(self, replies: int) -> int:
+        """How many best-scored replies Krum averages in a round of `replies`."""
+        keep = replies - self.krum_f if self.krum_keep == "auto" else self.krum_keep
+        return max(1, min(keep, replies))
 
 
 class AttackParams(Section):
@@ -223,6 +238,27 @@ class PrivacyParams(Section):
 
 
 ROBUST_SEEDLESS = ("mean", "clipped_mean")  # the rules for methods whose clients share no seed
+
+
+class FlowerParams(Section):
+    """finetune.backend: flower (edgetune/federated/flower/): the same methods as a Flower
+    ServerApp / ClientApp, on a SuperLink with SuperNodes, or Flower's Simulation Engine."""
+
+    superlink: str | None = Field(
+        None, description="address (host:port) of a running SuperLink's Control API to submit the run "
+        "to; null = start a SuperLink and `nodes` SuperNodes on loopback for this run")
+    nodes: int = Field(2, ge=1, description="loopback only: SuperNodes started, each owning a "
+                       "contiguous block of the clients")
+    simulation: bool = Field(False, description="run on Flower's Simulation Engine (Ray): one "
+                             "virtual SuperNode per client, in this machine")
+    client_cpus: float = Field(1.0, gt=0, description="simulation: CPUs per virtual client (Ray actor)")
+    round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies; a client "
+                                 "without one is dropped from the round")
+    connect_timeout: float = Field(120.0, gt=0, description="seconds to wait for SuperNodes owning every client")
+    insecure: bool = Field(True, description="plain connections (loopback, tests); false = TLS with "
+                           "root_certificates (see README: running a federation across machines)")
+    root_certificates: str | None = Field(None, description="CA certificate (PEM) that signed the "
+                                          "SuperLink's certificate, for TLS")
 
 
 class FinetuneParams(Section):
@@ -258,6 +294,10 @@ class FinetuneParams(Section):
     aggregation: AggregationParams = AggregationParams()
     attack: AttackParams = AttackParams()
     dp: PrivacyParams = PrivacyParams()
+    backend: Literal["local", "flower"] = Field(
+        "local", description="local: every client simulated in this process | flower: a Flower "
+        "ServerApp and ClientApps (finetune.flower)")
+    flower: FlowerParams = FlowerParams()
 
     @model_validator(mode="after")
     def _trainable_fits_method(self):
@@ -274,6 +314,11 @@ class FinetuneParams(Section):
         if self.dp.enabled and self.method in ("job", "fwdllm", "mezo"):
             raise ValueError(f"finetune.dp: {self.method}'s clients never share a seed, so there is no "
                              "sum over clients to add noise to; use fedkseed or a weight-exchanging method")
+        if self.backend == "flower" and self.method in CENTRALIZED_METHODS:
+            raise ValueError(f"finetune.backend: {self.method} runs one centralized client; use backend local")
+        if self.backend == "flower" and self.attack.kind == "replayed_seeds":
+            raise ValueError("finetune.attack.kind: replayed_seeds keeps each attacker's last reply in "
+                             "memory, which a Flower ClientApp process does not have; use backend local")
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")

@@ -51,8 +51,9 @@ def main(argv=None):
 
         summary, history = finetune(Path(args.model), Path(args.partitions), params.data.task,
                                     params.finetune, Path(args.out), on_round=log_round, resume=resume)
-        # Peak resident memory of this process (model, method state, activations, optimizer).
-        summary["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        # Peak resident memory of this process (model, method state, activations, optimizer);
+        # on Flower the largest ClientApp process's, measured there.
+        summary.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         plots = Path(args.plots)
         plots.mkdir(parents=True)
         plot_history(history, plots / "loss.png", plots / "rounds.csv")

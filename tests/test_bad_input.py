@@ -146,6 +146,7 @@ BLOCKER = text("blocker", "a file where a folder should be")
 HF_STUB = text("model/config.json", "{}")  # passes the HF-folder check; never loaded
 PREPARED = both(folders("model", "calib"), parquet("data/train.parquet"))
 EVAL_INPUTS = both(folders("model"), parquet("data/eval.parquet"), text("data/wikitext2_test.txt"))
+HF_MODEL_AND_ONE_CLIENT = both(text("model/config.json", "{}"), parquet("partitions/client_0000.parquet"))
 
 CASES = [
     # ------------------------------------------------------------------ params
@@ -232,6 +233,15 @@ CASES = [
          setup=both(PREPARED, parquet("calib/calibration.parquet", {"input_ids": [[1, 2, 3]]}))),
     Case("model-evaluate-not-hf-folder", "evaluate", "{tmp}/model", setup=EVAL_INPUTS),
     Case("model-evaluate-flag-without-name", "evaluate", "--model", args={"--model": "model"}, setup=EVAL_INPUTS),
+    # ------------------------------------------------------------------ finetune on Flower
+    Case("params-flower-centralized-method", "finetune", "finetune.backend: mezo",
+         {"finetune": {"method": "mezo", "backend": "flower"}}),
+    Case("flower-more-nodes-than-clients", "finetune", "finetune.flower.nodes: 3 SuperNodes for 1 clients",
+         {"finetune": {"backend": "flower", "flower": {"nodes": 3}}}, HF_MODEL_AND_ONE_CLIENT),
+    Case("flower-superlink-unreachable", "finetune", "finetune.flower.superlink '127.0.0.1:9': cannot reach",
+         {"finetune": {"backend": "flower", "flower": {"superlink": "127.0.0.1:9"}}}, HF_MODEL_AND_ONE_CLIENT),
+    Case("flower-model-not-hf-folder", "finetune", "{tmp}/model", key("finetune.backend", "flower"),
+         both(folders("model"), parquet("partitions/client_0000.parquet"))),
     # ------------------------------------------------------------------ outputs
     Case("outputs-parent-is-a-file", "model", "{tmp}/blocker", args={"--out": "blocker/base"}, setup=BLOCKER),
     Case("outputs-metrics-parent-is-a-file", "prepare", "{tmp}/blocker", MIRROR, both(mirror(), BLOCKER),

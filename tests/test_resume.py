@@ -147,7 +147,7 @@ def federate(tiny_model_dir, clients, cfg, resume=None, crash_after=None):
     from edgetune.federated.train import attack_of, prepare
     from edgetune.tasks import get_task
 
-    method, model = prepare(tiny_model_dir, get_task("sst2"), cfg, clients, cfg.sample_rate)
+    method, model = prepare(tiny_model_dir, get_task("sst2"), cfg, len(clients), cfg.sample_rate)
 
     def on_round(log):
         if log.round == crash_after:

@@ -4,7 +4,9 @@ Per round: (1) sample clients, (2) broadcast the global state as a serialized me
 (3) each sampled client does its local work and replies with a serialized message,
 (4) the method aggregates the replies into the next global state, (5) checkpoint and log.
 A method (see methods/base.py) only says what a client sends, how the server folds replies,
-and how the global state becomes model weights; it never owns a loop over rounds.
+and how the global state becomes model weights; it never owns a loop over rounds. Where the
+clients run is a pool's business: LocalClients (below) runs them all in this process, and
+flower/transport.py's FlowerClients sends each one's broadcast to a Flower SuperNode.
 
 Client failures: after the broadcast a sampled client may drop out (probability `dropout`,
 drawn from the round's own generator) or its local update may raise (logged as a warning);
@@ -93,6 +95,8 @@ class Attempt:
     up_sizes: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)  # a pool's own counters, e.g. Flower's
+    # wire bytes (a round adds them up over its tries; a "peak" counter takes the largest)
 
     @property
     def bytes(self) -> int:
@@ -132,31 +136,47 @@ def local_update(method, model, down: bytes, data: ClientData, rng: torch.Genera
     return to_bytes(reply if corrupt is None else corrupt(msg, reply))
 
 
-def run_clients(method, model, clients: list[ClientData], sampled: list[int], down: bytes,
-                seed: int, round_: int, dropouts: set[int], attack=None) -> Attempt:
-    """Local work of every sampled client that stays. A client whose update raises is dropped
-    from the round with a warning (bad input still stops the run); it sends nothing. With an
-    `attack` (attacks.Attack), malicious clients corrupt their reply before sending it."""
-    attempt = Attempt(sampled, len(down))
-    for cid in sampled:
-        if cid in dropouts:
-            attempt.dropped.append(cid)
-            continue
-        try:
-            corrupt = None if attack is None else partial(attack.corrupt, method, round_, cid)
-            wire = local_update(method, model, down, clients[cid], client_generator(seed, round_, cid), corrupt)
-        except BadInput:
-            raise
-        except Exception as e:
-            LOG.warning("round %d: client %d failed and is dropped from the round (%s: %s)",
-                        round_, cid, type(e).__name__, e)
-            attempt.dropped.append(cid)
-            attempt.errors.append(f"client {cid}: {type(e).__name__}: {e}")
-            continue
-        attempt.replied.append(cid)
-        attempt.up_sizes.append(len(wire))
-        attempt.replies.append(from_bytes(wire))
-    return attempt
+def client_failed(attempt: Attempt, round_: int, cid: int, error: str) -> None:
+    """Record a client whose local work failed: dropped from the round, with a warning."""
+    LOG.warning("round %d: client %d failed and is dropped from the round (%s)", round_, cid, error)
+    attempt.dropped.append(cid)
+    attempt.errors.append(f"client {cid}: {error}")
+
+
+class LocalClients:
+    """The clients of a simulated federation, all in this process: every client's data here,
+    one model object shared by all (a method leaves it as it found it). The engine sees any
+    pool of clients only through `len()` and `run()`; flower/transport.py's FlowerClients is
+    the same interface over Flower SuperNodes."""
+
+    def __init__(self, method, model, data: list[ClientData], seed: int, attack=None):
+        self.method, self.model, self.data, self.seed, self.attack = method, model, data, seed, attack
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int]) -> Attempt:
+        """Local work of every sampled client that stays. A client whose update raises is dropped
+        from the round with a warning (bad input still stops the run); it sends nothing. With an
+        `attack` (attacks.Attack), malicious clients corrupt their reply before sending it."""
+        attempt = Attempt(sampled, len(down))
+        for cid in sampled:
+            if cid in dropouts:
+                attempt.dropped.append(cid)
+                continue
+            try:
+                corrupt = None if self.attack is None else partial(self.attack.corrupt, self.method, round_, cid)
+                wire = local_update(self.method, self.model, down, self.data[cid],
+                                    client_generator(self.seed, round_, cid), corrupt)
+            except BadInput:
+                raise
+            except Exception as e:
+                client_failed(attempt, round_, cid, f"{type(e).__name__}: {e}")
+                continue
+            attempt.replied.append(cid)
+            attempt.up_sizes.append(len(wire))
+            attempt.replies.append(from_bytes(wire))
+        return attempt
 
 
 def too_few(round_: int, tries: list[Attempt], min_clients: int) -> TooFewClients:
@@ -166,6 +186,12 @@ def too_few(round_: int, tries: list[Attempt], min_clients: int) -> TooFewClient
         f"round {round_}: {len(last.replies)} of {len(last.sampled)} sampled clients replied, fewer "
         f"than finetune.min_clients = {min_clients}, after {len(tries) - 1} retries (dropouts: "
         f"{len(last.dropped) - len(last.errors)}, failures: {len(last.errors)}{error})")
+
+
+def merged_extras(tries: list[Attempt]) -> dict[str, float]:
+    """A round's pool counters over its tries: summed, or the largest for a "peak" counter."""
+    keys = {k for t in tries for k in t.extra}
+    return {k: (max if "peak" in k else sum)(t.extra.get(k, 0.0) for t in tries) for k in keys}
 
 
 def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -> None:
@@ -197,15 +223,18 @@ def restore(resume, method, model, rng: np.random.Generator):
     return history[-1].round, saved["state"], history
 
 
-def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
+def run_federation(method, model, clients, *, num_rounds: int,
                    sample_rate: float, seed: int, checkpoint_dir: Path | None = None,
                    on_round: Callable[[RoundLog], None] | None = None, dropout: float = 0.0,
                    min_clients: int = 1, round_retries: int = 2, attack=None, resume=None):
-    """Run all rounds; returns (final global state, list of RoundLog). Clients that drop out
-    or fail are left out of their round (see the module docstring); TooFewClients if a round
-    cannot reach min_clients replies. `attack` (attacks.Attack) makes some clients malicious.
-    `resume` (resume.ResumeFolder): go on after its last saved round (whose logs are passed to
-    `on_round` again) and save every round there."""
+    """Run all rounds; returns (final global state, list of RoundLog). `clients`: a list of
+    ClientData (simulated here, LocalClients) or any pool with len() and run() (Flower's).
+    Clients that drop out or fail are left out of their round (see the module docstring);
+    TooFewClients if a round cannot reach min_clients replies. `attack` (attacks.Attack) makes
+    some local clients malicious. `resume` (resume.ResumeFolder): go on after its last saved
+    round (whose logs are passed to `on_round` again) and save every round there."""
+    if isinstance(clients, list):
+        clients = LocalClients(method, model, clients, seed, attack)
     if min_clients > clients_per_round(len(clients), sample_rate):
         raise TooFewClients(f"finetune.min_clients = {min_clients}, but a round samples only "
                             f"{clients_per_round(len(clients), sample_rate)} clients")
@@ -232,8 +261,7 @@ def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
             # 2) broadcast: every sampled client decodes the same bytes
             down = to_bytes(method.downlink(state))
             # 3) local work on each client that stays; only the serialized reply reaches the server
-            tries.append(run_clients(method, model, clients, sampled, down, seed, rnd,
-                                     drop_out(round_rng, sampled, dropout), attack))
+            tries.append(clients.run(sampled, down, rnd, drop_out(round_rng, sampled, dropout)))
             if len(tries[-1].replies) >= min_clients:
                 break
         else:
@@ -255,7 +283,7 @@ def run_federation(method, model, clients: list[ClientData], *, num_rounds: int,
             dropped=[cid for t in tries for cid in t.dropped],
             retries=len(tries) - 1,
             bytes_exchanged=sum(t.bytes for t in tries),
-            extra=method.round_metrics(state),
+            extra={**method.round_metrics(state), **merged_extras(tries)},
         )
         history.append(log)
         if resume is not None:

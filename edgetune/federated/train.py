@@ -12,22 +12,24 @@ from edgetune.federated.engine import ClientData, RoundLog, run_federation
 
 def load_clients(folder: Path, target_column: str = "label") -> list[ClientData]:
     """One ClientData per partition file: prompts and the task's target column."""
+    files = sorted(Path(folder).glob("client_*.parquet"))
+    if not files:
+        raise BadInput(f"{folder}: no client_*.parquet files (run the partition stage first)")
+    return [load_client(f, i, target_column) for i, f in enumerate(files)]
+
+
+def load_client(file: Path, client_id: int, target_column: str = "label") -> ClientData:
+    """One client's partition file: its prompts and the task's target column."""
     import pandas as pd
 
     from edgetune.tasks.base import require_parquet
 
-    files = sorted(Path(folder).glob("client_*.parquet"))
-    if not files:
-        raise BadInput(f"{folder}: no client_*.parquet files (run the partition stage first)")
-    clients = []
-    for i, f in enumerate(files):
-        frame = pd.read_parquet(require_parquet(f))  # readable, a prompt column, some rows
-        if target_column not in frame.columns:
-            raise BadInput(f"{f}: no {target_column!r} column (partitions of another task? re-run prepare)")
-        targets = frame[target_column]
-        clients.append(ClientData(i, frame["prompt"].tolist(),
-                                  (targets.astype(int) if target_column == "label" else targets).tolist()))
-    return clients
+    frame = pd.read_parquet(require_parquet(file))  # readable, a prompt column, some rows
+    if target_column not in frame.columns:
+        raise BadInput(f"{file}: no {target_column!r} column (partitions of another task? re-run prepare)")
+    targets = frame[target_column]
+    return ClientData(client_id, frame["prompt"].tolist(),
+                      (targets.astype(int) if target_column == "label" else targets).tolist())
 
 
 def centralize(clients: list[ClientData], cfg: FinetuneParams):
@@ -42,7 +44,7 @@ def centralize(clients: list[ClientData], cfg: FinetuneParams):
     return [pooled], 1.0, cfg.model_copy(update={"local_steps": steps})
 
 
-def prepare(base_dir: Path, task, cfg: FinetuneParams, clients: list[ClientData], sample_rate: float):
+def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_rate: float):
     """(method, model) ready for the engine: the base model wrapped for the method (adapters
     seeded by finetune.seed), with finetune.dp's Gaussian mechanism attached when on."""
     import torch
@@ -57,8 +59,8 @@ def prepare(base_dir: Path, task, cfg: FinetuneParams, clients: list[ClientData]
     method = build_method(cfg, tok, task, model)
     model = method.prepare_model(model)
     if cfg.dp.enabled:
-        method.privacy = GaussianMechanism(cfg.dp, cfg.seed, clients_per_round(len(clients), sample_rate),
-                                           len(clients))
+        method.privacy = GaussianMechanism(cfg.dp, cfg.seed, clients_per_round(num_clients, sample_rate),
+                                           num_clients)
     return method, model
 
 
@@ -72,17 +74,22 @@ def attack_of(cfg: FinetuneParams, clients: list[ClientData]):
 def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetuneParams, out_dir: Path,
              on_round: Callable[[RoundLog], None] | None = None,
              resume=None) -> tuple[dict, list[RoundLog]]:
-    """`resume` (resume.ResumeFolder): go on after its last saved round, and save each round."""
+    """`resume` (resume.ResumeFolder): go on after its last saved round, and save each round.
+    finetune.backend flower: the same rounds on Flower (flower/launch.py), logged there."""
     from edgetune.federated.methods import get_method
     from edgetune.tasks import get_task
 
     method_cls = get_method(cfg.method)
     task = get_task(task_name)
     clients = load_clients(partitions, task.target_column)
+    if cfg.backend == "flower":
+        from edgetune.federated.flower.launch import finetune_on_flower
+
+        return finetune_on_flower(base_dir, partitions, task_name, cfg, out_dir, len(clients))
     sample_rate = cfg.sample_rate
     if method_cls.centralized:  # e.g. mezo: one client with all the data
         clients, sample_rate, cfg = centralize(clients, cfg)
-    method, model = prepare(base_dir, task, cfg, clients, sample_rate)
+    method, model = prepare(base_dir, task, cfg, len(clients), sample_rate)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     state, history = run_federation(
         method, model, clients, num_rounds=cfg.num_rounds, sample_rate=sample_rate,
@@ -91,6 +98,13 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         attack=attack_of(cfg, clients), resume=resume,
     )
     method.export(model, state, out_dir)
+    epsilon = method.privacy.metrics()["dp_epsilon"] if method.privacy else None
+    return summarize(history, cfg, trainable, len(clients), epsilon), history
+
+
+def summarize(history: list[RoundLog], cfg: FinetuneParams, trainable: int, num_clients: int,
+              dp_epsilon: float | None = None) -> dict:
+    """The stage's metrics: losses, bytes, dropouts, trainable size, time (and epsilon with DP)."""
     summary = {
         "final_train_loss": history[-1].train_loss,
         "first_train_loss": history[0].train_loss,
@@ -102,11 +116,11 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
         "trainable_params": trainable,
         "trainable_set": cfg.trainable_set,
         "seconds": sum(h.seconds for h in history),
-        "num_clients": len(clients),
+        "num_clients": num_clients,
     }
-    if method.privacy:
-        summary["dp_epsilon"] = method.privacy.metrics()["dp_epsilon"]
-    return summary, history
+    if dp_epsilon is not None:
+        summary["dp_epsilon"] = dp_epsilon
+    return summary
 
 
 def plot_history(history: list[RoundLog], png: Path, csv: Path) -> None:

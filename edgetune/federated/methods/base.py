@@ -24,6 +24,7 @@ METHODS: dict[str, type["FederatedMethod"]] = {}  # filled by register_method
 class FederatedMethod(ABC):
     name: str = "?"
     centralized = False  # True: one client holds all the data (e.g. mezo)
+    replays_history = False  # True: a client rebuilds the global model from every broadcast so far
     privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by train.prepare)
 
     def __init__(self, cfg: FinetuneParams, tok, objective):

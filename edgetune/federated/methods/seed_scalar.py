@@ -27,6 +27,8 @@ from edgetune.federated.trainable import prepare_trainable
 
 
 class SeedScalarMethod(FederatedMethod):
+    replays_history = True
+
     def prepare_model(self, model):
         model = prepare_trainable(model, self.cfg.trainable_set, self.cfg, self.tok)
         model.eval()  # ZO needs no dropout noise between the +eps and -eps passes
@@ -101,6 +103,11 @@ class SeedScalarMethod(FederatedMethod):
         self.model_round = int(self.downlink(state).meta["round"])
 
     def apply_global(self, model, state) -> None:
+        version = int(self.downlink(state).meta["round"])
+        if self.model_round == 0 and version > 1:  # never synced (a Flower server): replay it all
+            self.rebuild(model, state)
+            self.model_round = version
+            return
         self.sync(model, self.downlink(state))  # replay the last round's broadcast
 
 

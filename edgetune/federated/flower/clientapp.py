@@ -1,0 +1,138 @@
+"""The ClientApp: one SuperNode's clients doing their local work, one Flower Message each.
+
+A SuperNode's node config names what the device holds:
+
+    partitions = "/data/partitions"   folder of client_<i>.parquet (the partition stage's output)
+    clients    = "0,1"                the client ids this node owns (default: every file there)
+    model      = "/models/base"       the base HF folder (the same weights the server starts from)
+
+In the Simulation Engine a virtual node has no such config: its client id is its partition-id
+and the folders come with the message (simulation.py).
+
+Per message the ClientApp builds the method exactly as the local engine does (train.prepare:
+same seeded adapters), loads the client's partition, brings a seed-scalar model up to date by
+replaying the broadcasts this node kept in its context state plus the ones the server sent to
+catch up, and runs the method's client_update with the client's RNG for the round (derived
+from seed, round and client alone). So the reply is bit for bit the local engine's. A worker
+(method + model) is cached per process: Flower's deployment starts a process per message, the
+Simulation Engine reuses its actors.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, RecordDict
+from flwr.app import Message as FlowerMessage
+from flwr.clientapp import ClientApp
+
+from edgetune.config import BadInput, FinetuneParams
+from edgetune.evaluate import peak_rss_mb
+from edgetune.federated.flower.records import from_records, put, take, to_records, versions
+from edgetune.federated.flower.transport import HISTORY, JOB, NODE
+from edgetune.federated.protocol import Message
+
+app = ClientApp()
+KEPT = "broadcast"  # context.state: broadcast/<round>/{tensors,meta}, every broadcast this node saw
+
+
+@app.query("clients")
+def hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    """Tell the server which clients this node owns."""
+    clients = owned_clients(context.node_config)
+    return FlowerMessage(RecordDict({NODE: ConfigRecord({"clients": json.dumps(clients)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    """One client's local work on the broadcast in `msg`."""
+    job = msg.content[JOB]
+    down = from_records(msg.content)
+    version = int(down.meta.get("round", int(job["round"]) - 1))
+    if job["drop"]:  # a simulated dropout (finetune.dropout): got the broadcast, sends nothing
+        return FlowerMessage(RecordDict({NODE: ConfigRecord({"synced": 0, "dropped": True})}), reply_to=msg)
+    cfg = FinetuneParams.model_validate_json(job["finetune"])
+    node = node_paths(context.node_config, job)
+    method, model = worker(job["finetune"], job["task"], str(node["model"]), int(job["num_clients"]))
+    if method.replays_history:
+        catch_up(method, model, context, msg.content, version)
+    data = client_data(node["partitions"], int(job["client"]), job["task"])
+    reply = local_work(method, model, cfg, down, data, int(job["round"]), int(job["num_clients"]))
+    node_info = ConfigRecord({"synced": version, "peak_rss_mb": peak_rss_mb()})  # beside the metered reply
+    return FlowerMessage(to_records(reply, **{NODE: node_info}), reply_to=msg)
+
+
+def local_work(method, model, cfg: FinetuneParams, down: Message, data, round_: int, num_clients: int) -> Message:
+    """The method's client_update with the client's RNG for the round, corrupted first when
+    finetune.attack makes this client malicious (as engine.LocalClients does)."""
+    from edgetune.federated.engine import client_generator
+
+    reply = method.client_update(model, down, data, client_generator(cfg.seed, round_, data.client_id))
+    if cfg.attack.kind != "none":
+        from edgetune.federated.attacks import Attack
+
+        reply = Attack(cfg.attack, num_clients, cfg.seed).corrupt(method, round_, data.client_id, down, reply)
+    return reply
+
+
+# --------------------------------------------------------------------------- node config
+def owned_clients(node_config) -> list[int]:
+    if "partition-id" in node_config:  # Simulation Engine: one virtual node per client
+        return [int(node_config["partition-id"])]
+    if "clients" in node_config and str(node_config["clients"]).strip():
+        try:
+            return sorted(int(c) for c in str(node_config["clients"]).split(","))
+        except ValueError:
+            raise BadInput(f"node config clients: {node_config['clients']!r}; expected ids like '0,1,2'") from None
+    folder = Path(str(node_config.get("partitions", "")))
+    files = sorted(folder.glob("client_*.parquet"))
+    if not files:
+        raise BadInput(f"node config partitions: {folder} holds no client_*.parquet files")
+    return [int(f.stem.split("_")[1]) for f in files]
+
+
+def node_paths(node_config, job) -> dict[str, Path]:
+    """This node's partitions and base-model folders (node config, else the job's, in simulation)."""
+    out = {}
+    for key in ("partitions", "model"):
+        value = node_config.get(key) or job.get(f"sim_{key}")
+        if not value:
+            raise BadInput(f"node config {key}: not set; start the SuperNode with --node-config \"{key}='...'\"")
+        out[key] = Path(str(value))
+    return out
+
+
+# --------------------------------------------------------------------------- workers and data
+@lru_cache(maxsize=1)
+def worker(finetune: str, task: str, model_dir: str, num_clients: int):
+    """(method, model) as the server and the local engine build them; one per process."""
+    from edgetune.federated.train import prepare
+    from edgetune.tasks import get_task
+
+    cfg = FinetuneParams.model_validate_json(finetune)
+    return prepare(Path(model_dir), get_task(task), cfg, num_clients, cfg.sample_rate)
+
+
+@lru_cache(maxsize=8)
+def client_data(partitions: Path, client_id: int, task: str):
+    from edgetune.federated.train import load_client
+    from edgetune.tasks import get_task
+
+    return load_client(partitions / f"client_{client_id:04d}.parquet", client_id, get_task(task).target_column)
+
+
+# --------------------------------------------------------------------------- seed-scalar catch-up
+def catch_up(method, model, context: Context, content: RecordDict, version: int) -> None:
+    """Replay every broadcast between the model's round and `version` (exclusive), from this
+    node's state or the server's catch-up records, then keep them all in the node's state."""
+    kept = {v: take(context.state, f"{KEPT}/{v}") for v in versions(context.state, KEPT)}
+    kept.update({v: take(content, f"{HISTORY}/{v}") for v in versions(content, HISTORY)})
+    kept[version] = from_records(content)
+    for v in range(method.model_round + 1, version):
+        if v not in kept:
+            raise RuntimeError(f"node misses the broadcast of round {v}; the server resends it next round")
+        method.sync(model, kept[v])
+    for v, msg in kept.items():
+        put(context.state, f"{KEPT}/{v}", msg)

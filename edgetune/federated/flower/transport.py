@@ -1,0 +1,162 @@
+"""FlowerClients: the engine's pool of clients (engine.LocalClients' interface) over Flower.
+
+Each sampled client gets one Flower Message, addressed to the SuperNode that owns its
+partition: the round's broadcast as records (records.py) and a `job` ConfigRecord (client id,
+round, the finetune params, whether the client drops out). The ClientApp (clientapp.py) runs
+the method's client_update and replies with the method's reply as records. A reply with an
+error, or none before `round_timeout`, drops the client from the round, as a local client
+that raises is dropped.
+
+Seed-scalar methods: a client needs every earlier broadcast to rebuild the global weights. A
+SuperNode keeps the broadcasts it has seen in its context state; the server remembers, per
+node, the last round the node confirmed and sends the broadcasts it missed along with the new
+one ("catch-up", FedKSeed's clients pulling the scalar history they missed). Those bytes are
+logged as `bytes_catchup`: the local engine, whose clients share one synced model, has none.
+
+Per round, `wire_bytes_down` / `wire_bytes_up` are the bytes of the Flower messages themselves
+(records.wire_size), next to the engine's safetensors metering of the same payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from flwr.app import ConfigRecord
+from flwr.app import Message as FlowerMessage
+
+from edgetune.config import BadInput
+from edgetune.federated.engine import Attempt, client_failed
+from edgetune.federated.flower.records import from_records, put, to_records, wire_size
+from edgetune.federated.protocol import Message, from_bytes, to_bytes
+
+JOB, NODE = "job", "node"
+HELLO, TRAIN = "query.clients", "train"
+HISTORY = "history"  # catch-up records in a train message
+POLL_S = 0.2
+
+
+def catchup_records(broadcasts: dict[int, Message], missed: list[int]) -> dict:
+    """The broadcasts of rounds `missed` as records keyed history/<round>/{tensors,meta}."""
+    out: dict = {}
+    for v in missed:
+        put(out, f"{HISTORY}/{v}", broadcasts[v])
+    return out
+
+
+class FlowerClients:
+    def __init__(self, grid, job, method):
+        self.grid, self.job = grid, job
+        self.replays = method.replays_history
+        self.broadcasts: dict[int, Message] = {}  # version -> broadcast (seed-scalar catch-up)
+        self.synced: dict[int, int] = {}  # node id -> last version it confirmed
+        self.node_of = self.discover()
+
+    # ----------------------------------------------------------------- setup
+    def discover(self) -> dict[int, int]:
+        """client id -> node id, from each SuperNode's answer to a hello; waits (connect_timeout)
+        until every client 0..num_clients-1 is owned by a node."""
+        deadline = time.monotonic() + self.job.connect_timeout
+        owner: dict[int, int] = {}
+        asked: set[int] = set()
+        while True:
+            new = [n for n in self.grid.get_node_ids() if n not in asked]
+            if new:
+                msgs = [FlowerMessage(to_records(Message(), **{JOB: ConfigRecord({"ask": "clients"})}),
+                                      dst_node_id=n, message_type=HELLO) for n in new]
+                for node, reply in zip(new, self.exchange(msgs, timeout=max(1.0, deadline - time.monotonic()))[0]):
+                    if reply is None:
+                        continue
+                    asked.add(node)
+                    if reply.has_error():  # e.g. a node config naming no partitions
+                        raise BadInput(f"flower: SuperNode {node} cannot say which clients it owns: "
+                                       f"{reply.error.reason} (see its log)")
+                    for cid in json.loads(reply.content[NODE]["clients"]):
+                        if cid in owner and owner[cid] != node:
+                            raise BadInput(f"flower: client {cid} is owned by two SuperNodes ({owner[cid]}, {node}); "
+                                           "give each node its own clients in --node-config")
+                        owner[cid] = node
+            missing = sorted(set(range(self.job.num_clients)) - set(owner))
+            if not missing:
+                return owner
+            if time.monotonic() > deadline:
+                raise BadInput(f"flower: after {self.job.connect_timeout:.0f} s no SuperNode owns clients "
+                               f"{missing[:10]}{'...' if len(missing) > 10 else ''} of {self.job.num_clients} "
+                               f"(nodes that answered: {len(asked)}); "
+                               "start SuperNodes whose node config covers them")
+            time.sleep(1.0)
+
+    def __len__(self) -> int:
+        return self.job.num_clients
+
+    # ----------------------------------------------------------------- one round
+    def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int]) -> Attempt:
+        """Send each sampled client its broadcast, wait for the replies, and account for them as
+        LocalClients.run does (a dropout, an error or no reply leaves the client out)."""
+        broadcast = from_bytes(down)
+        version = int(broadcast.meta.get("round", round_ - 1))
+        if self.replays:
+            self.broadcasts[version] = broadcast
+        msgs, catchup = zip(*[self.train_message(cid, broadcast, version, round_, cid in dropouts)
+                              for cid in sampled])
+        replies, _ = self.exchange(list(msgs), timeout=self.job.round_timeout)
+        attempt = self.collect(Attempt(sampled, len(down)), replies, round_, dropouts)
+        attempt.extra.update({"wire_bytes_down": float(sum(wire_size(m) for m in msgs)),
+                              "bytes_catchup": float(sum(catchup))})
+        return attempt
+
+    def train_message(self, cid: int, broadcast: Message, version: int, round_: int,
+                      drop: bool) -> tuple[FlowerMessage, int]:
+        """(the message to client `cid`'s node, the bytes of the catch-up records it carries)."""
+        node = self.node_of[cid]
+        history = catchup_records(self.broadcasts, self.missed(node, version))
+        job = ConfigRecord({"client": cid, "round": round_, "task": self.job.task, "drop": drop,
+                            "finetune": json.dumps(self.job.finetune, sort_keys=True),
+                            "num_clients": self.job.num_clients,
+                            **{k: v for k, v in self.job.extra.items() if k.startswith("sim_")}})
+        msg = FlowerMessage(to_records(broadcast, **{JOB: job}, **history), dst_node_id=node,
+                            message_type=TRAIN, group_id=str(round_))
+        return msg, sum(wire_size(r) for r in history.values())
+
+    def collect(self, attempt: Attempt, replies: list, round_: int, dropouts: set[int]) -> Attempt:
+        wire_up, client_rss = 0, 0.0
+        for cid, reply in zip(attempt.sampled, replies):
+            if cid in dropouts:
+                attempt.dropped.append(cid)
+            elif reply is None:
+                client_failed(attempt, round_, cid, f"no reply within finetune.flower.round_timeout "
+                                                    f"= {self.job.round_timeout:.0f} s")
+            elif reply.has_error():
+                self.synced.pop(self.node_of[cid], None)  # e.g. its node lost its state: resend all
+                client_failed(attempt, round_, cid, f"ClientApp error: {reply.error.reason}")
+            else:
+                node_info = reply.content[NODE]  # beside the reply, not part of what is metered
+                self.synced[self.node_of[cid]] = int(node_info["synced"])
+                wire_up += wire_size(reply) - wire_size(node_info)
+                client_rss = max(client_rss, float(node_info["peak_rss_mb"]))
+                msg = from_records(reply.content)
+                attempt.replied.append(cid)
+                attempt.up_sizes.append(len(to_bytes(msg)))
+                attempt.replies.append(msg)
+        attempt.extra = {"wire_bytes_up": float(wire_up), "client_peak_rss_mb": client_rss}
+        return attempt
+
+    def missed(self, node: int, version: int) -> list[int]:
+        """The earlier broadcasts a node has not confirmed (seed-scalar methods only)."""
+        if not self.replays:
+            return []
+        return [v for v in sorted(self.broadcasts) if self.synced.get(node, 0) < v < version]
+
+    def exchange(self, msgs: list[FlowerMessage], timeout: float):
+        """Push `msgs`, pull replies until all came or `timeout`; (replies in msgs' order, None
+        where none came, message ids)."""
+        ids = list(self.grid.push_messages(msgs))
+        waiting, got = set(ids), {}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(waiting)):
+                got[reply.metadata.reply_to_message_id] = reply
+                waiting.discard(reply.metadata.reply_to_message_id)
+            if waiting:
+                time.sleep(POLL_S)
+        return [got.get(i) for i in ids], ids
