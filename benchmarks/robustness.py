@@ -1,14 +1,20 @@
 """Accuracy under Byzantine clients and under differential privacy (issue 7).
 
-For one method (FedIT, or FedKSeed) on SST-2: a 10-client partition, 20% of the clients
-malicious (2 of 10), each attack kind (scaled x10, sign flip x10, random, replayed seeds) folded
-by the plain mean and by each robust rule (median, trimmed mean, Krum, clipped mean), next to
-the clean run; then client-level DP at two noise levels with the epsilon they spend. Every case
-is a run of the real engine on the real model through benchmarks/methods.py (same clients, same
-budget, the global model scored on the dev split).
+Attacks (`--part attacks`, results/robust_<method>.json): SST-2 split over 10 clients, every
+client in every round (so exactly 20% of each round's replies, 2 of 10, are malicious), each
+attack kind (scaled x10, sign flip x10, random, replayed seeds) folded by the plain mean and by
+each robust rule (median, trimmed mean beta 0.2, Multi-Krum f 2, clipped mean), next to the
+clean run, scored on the whole dev split (872).
 
-    python -m benchmarks.robustness --method fedit              # -> results/robust_fedit.json
+DP (`--part dp`, results/dp_<method>.json): client-level DP at two noise levels, 5 of the 10
+clients per round (sampling amplifies privacy), with the epsilon they spend.
+
+Every case is a run of the real engine on the real model through benchmarks/methods.py (same
+clients, same budget, the global model scored on the dev split).
+
+    python -m benchmarks.robustness --method fedit              # attacks -> results/robust_fedit.json
     python -m benchmarks.robustness --method fedkseed
+    python -m benchmarks.robustness --method fedit --part dp    # -> results/dp_fedit.json
     python -m benchmarks.robustness --table                     # -> results/robustness.md
 
 The 10-client partition is made once by the partition stage into benchmarks/.cache/robust/.
@@ -27,16 +33,21 @@ import yaml
 from benchmarks.common import CACHE, RESULTS
 
 ATTACKS = ["scaled", "sign_flip", "random", "replayed_seeds"]
-RULES = {"mean": {}, "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {"krum_f": 1},
+RULES = {"mean": {}, "median": {}, "trimmed_mean": {"beta": 0.2}, "krum": {"krum_f": 2},
          "clipped_mean": {}}
 FRACTION = 0.2
 # per method: its own overrides, the clipped_mean tau and DP clip near its typical update norm
-# (measured: FedIT LoRA updates 1.4-1.7 after 4 steps, FedKSeed-LoRA scalar vectors 1.1-2.8)
+# (measured: FedIT LoRA updates 1.4-1.7 after 3 steps, FedKSeed-LoRA scalar vectors 1.1-2.8)
 METHODS = {
-    "fedit": {"base": {}, "clip": 1.0},
-    "fedkseed": {"base": {"trainable": "lora", "zo.lr": 3e-3, "zo.eps": 1e-2}, "clip": 2.0},
+    "fedit": {"base": {}, "attacks": {}, "clip": 1.0},
+    # the attack grid draws from K = 8 seeds, so that seeds are shared and the per-seed rules
+    # have several votes (30 draws a round); K = 4096 runs alongside as the reference
+    "fedkseed": {"base": {"trainable": "lora", "zo.lr": 1e-2, "zo.eps": 1e-2},
+                 "attacks": {"zo.K": 8}, "clip": 2.0},
 }
+ATTACK_SAMPLE_RATE = 1.0  # all 10 clients every round: 2 malicious replies in each
 DP_NOISE = [0.5, 1.5]
+DP_SAMPLE_RATE = 0.5
 DP_K = 64  # FedKSeed with DP: noise lands on all K candidates, so a small pool (see privacy.py)
 
 
@@ -55,11 +66,13 @@ def partition(folder: Path, prepared: str) -> Path:
     return out
 
 
-def cases(method: str) -> dict[str, dict]:
-    """label -> finetune overrides: clean, attack x rule, DP at each noise level."""
+def attack_cases(method: str) -> dict[str, dict]:
+    """label -> finetune overrides: clean, then attack x rule."""
     spec = METHODS[method]
-    base = {"method": method, **spec["base"]}
+    base = {"method": method, **spec["base"], **spec["attacks"], "sample_rate": ATTACK_SAMPLE_RATE}
     out = {"clean": base}
+    if method == "fedkseed":  # the method's usual seed pool, as a reference for the small one
+        out["clean/K4096"] = {**base, "zo.K": 4096}
     for attack in ATTACKS:
         for rule, knobs in RULES.items():
             agg = {"aggregation.rule": rule, **{f"aggregation.{k}": v for k, v in knobs.items()}}
@@ -67,11 +80,18 @@ def cases(method: str) -> dict[str, dict]:
                 agg["aggregation.tau"] = spec["clip"]
             out[f"{attack}/{rule}"] = {**base, **agg, "attack.kind": attack,
                                        "attack.fraction": FRACTION, "attack.scale": 10.0}
-    dp_base = {**base, "zo.K": DP_K} if method == "fedkseed" else base
+    return out
+
+
+def dp_cases(method: str) -> dict[str, dict]:
+    """label -> finetune overrides: clean, then DP at each noise level."""
+    spec = METHODS[method]
+    base = {"method": method, **spec["base"], "sample_rate": DP_SAMPLE_RATE}
     if method == "fedkseed":
-        out[f"clean/K{DP_K}"] = dp_base
+        base["zo.K"] = DP_K
+    out = {"clean": base}
     for z in DP_NOISE:
-        out[f"dp/z{z}"] = {**dp_base, "dp.noise_multiplier": z, "dp.clip": spec["clip"]}
+        out[f"dp/z{z}"] = {**base, "dp.noise_multiplier": z, "dp.clip": spec["clip"]}
     return out
 
 
@@ -79,11 +99,13 @@ def run(method: str, args) -> None:
     from benchmarks import methods
 
     parts = partition(CACHE / "robust", args.prepared)
-    labels = cases(method)
+    labels = attack_cases(method) if args.part == "attacks" else dp_cases(method)
+    name = args.name or (f"robust_{method}" if args.part == "attacks" else f"dp_{method}")
     argv = ["--partitions", str(parts), "--eval", f"{args.prepared}/eval.parquet",
-            "--max-eval", str(args.max_eval), "--rounds", str(args.rounds),
-            "--local-steps", str(args.local_steps), "--name", f"robust_{method}",
-            "--methods", *labels]
+            "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--name", name,
+            "--methods", *(args.only or labels)]
+    if args.max_eval:
+        argv += ["--max-eval", str(args.max_eval)]
     if args.update:
         argv.append("--update")
     for label, overrides in labels.items():
@@ -91,45 +113,84 @@ def run(method: str, args) -> None:
     methods.main(argv)
 
 
+def merge(into: str, parts: list[str]) -> None:
+    """Fold the cases of results files `parts` into `into` (each case keeps its own numbers;
+    the params record which file each came from)."""
+    record = json.loads((RESULTS / f"{into}.json").read_text())
+    for part in parts:
+        other = json.loads((RESULTS / f"{part}.json").read_text())
+        cases = {k: v for k, v in other["results"].items() if k != "zero_shot"}
+        record["results"].update(cases)
+        record["params"][f"merged_from_{part}"] = ",".join(sorted(cases))
+    record["params"]["methods"] = ",".join(k for k in record["results"] if k != "zero_shot")
+    (RESULTS / f"{into}.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def load(name: str) -> tuple[dict, dict] | None:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record["results"], record["params"]
+
+
+def attack_table(method: str, res: dict, params: dict) -> list[str]:
+    acc = lambda label: res[label]["accuracy"] if label in res else float("nan")
+    clean = acc("clean")
+    extra = f", K 4096 clean {acc('clean/K4096'):.3f}" if "clean/K4096" in res else ""
+    lines = [f"### {method}: attacks (zero-shot {acc('zero_shot'):.3f}, clean {clean:.3f}{extra}; "
+             f"{params.get('eval_examples')} dev examples)", "",
+             "| attack (20% of clients) | " + " | ".join(RULES) + " |", "|---" * (len(RULES) + 1) + "|"]
+    for attack in ATTACKS:
+        cells = [f"{acc(f'{attack}/{r}'):.3f} ({100 * (acc(f'{attack}/{r}') - clean):+.1f})" for r in RULES]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    worst = {r: min(acc(f"{a}/{r}") for a in ATTACKS) - clean for r in RULES}
+    lines.append("| worst vs clean | " + " | ".join(f"{100 * worst[r]:+.1f} pt" for r in RULES) + " |")
+    return lines + [""]
+
+
+def dp_table(method: str, res: dict, params: dict) -> list[str]:
+    clean = res["clean"]["accuracy"]
+    lines = [f"### {method}: client-level DP (clean {clean:.3f}; {params.get('eval_examples')} dev examples)", "",
+             "| DP noise multiplier | clip | epsilon (delta 1e-5) | accuracy | vs clean |", "|---|---|---|---|---|"]
+    for z in DP_NOISE:
+        label = f"dp/z{z}"
+        if label in res:
+            lines.append(f"| {z} | {METHODS[method]['clip']} | {res[label].get('dp_epsilon', float('nan')):.2f} | "
+                         f"{res[label]['accuracy']:.3f} | {100 * (res[label]['accuracy'] - clean):+.1f} pt |")
+    return lines + [""]
+
+
 def table() -> str:
-    """Markdown: per method, accuracy by attack (rows) and rule (columns), clean, DP."""
+    """Markdown: per method, accuracy by attack (rows) and rule (columns) vs clean, then DP."""
     lines = []
     for method in METHODS:
-        path = RESULTS / f"robust_{method}.json"
-        if not path.is_file():
-            continue
-        res = json.loads(path.read_text())["results"]
-        acc = lambda label: res[label]["accuracy"] if label in res else float("nan")
-        clean = acc("clean")
-        lines += [f"### {method} (zero-shot {acc('zero_shot'):.3f}, clean {clean:.3f})", "",
-                  "| attack (20% of clients) | " + " | ".join(RULES) + " |",
-                  "|---" * (len(RULES) + 1) + "|"]
-        for attack in ATTACKS:
-            cells = [f"{acc(f'{attack}/{r}'):.3f} ({acc(f'{attack}/{r}') - clean:+.3f})" for r in RULES]
-            lines.append(f"| {attack} | " + " | ".join(cells) + " |")
-        lines += ["", "| DP noise multiplier | clip | epsilon (delta 1e-5) | accuracy | vs its clean |",
-                  "|---|---|---|---|---|"]
-        ref = acc(f"clean/K{DP_K}") if method == "fedkseed" else clean
-        for z in DP_NOISE:
-            label = f"dp/z{z}"
-            if label in res:
-                lines.append(f"| {z} | {METHODS[method]['clip']} | {res[label].get('dp_epsilon', float('nan')):.2f} | "
-                             f"{acc(label):.3f} | {acc(label) - ref:+.3f} |")
-        lines.append("")
+        if (found := load(f"robust_{method}")) is not None:
+            lines += attack_table(method, *found)
+        if (found := load(f"dp_{method}")) is not None:
+            lines += dp_table(method, *found)
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=sorted(METHODS))
+    p.add_argument("--part", choices=["attacks", "dp"], default="attacks")
+    p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these cases (e.g. clean sign_flip/krum)")
+    p.add_argument("--name", help="results file name (default robust_<method> / dp_<method>); e.g. to run "
+                   "some cases in a second process, then --merge its file")
+    p.add_argument("--merge", nargs="+", metavar="NAME", help="fold these results files' cases into --method's "
+                   "file (the cases of a run split over processes)")
     p.add_argument("--prepared", default="data/prepared", help="the prepare stage's SST-2 folder")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=3)
-    p.add_argument("--max-eval", type=int, default=300)
+    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all 872)")
     p.add_argument("--update", action="store_true", help="keep finished cases of an earlier run")
     p.add_argument("--table", action="store_true", help="write results/robustness.md from the JSONs")
     args = p.parse_args(argv)
-    if args.method:
+    if args.method and args.merge:
+        merge(args.name or (f"robust_{args.method}" if args.part == "attacks" else f"dp_{args.method}"), args.merge)
+    elif args.method:
         run(args.method, args)
     if args.table:
         (RESULTS / "robustness.md").write_text(table())

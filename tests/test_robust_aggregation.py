@@ -41,10 +41,12 @@ def test_trimmed_mean_cuts_beta_per_side():
     assert torch.allclose(none["w"], torch.tensor([21.2]))
 
 
-def test_krum_picks_an_honest_update():
+def test_krum_picks_an_honest_update_and_multi_krum_averages_the_honest_ones():
     sent = replies(*HONEST, OUTLIER, [-5e5, 5e5, 0.0])
-    out = robust_blocks(AggregationParams(rule="krum", krum_f=2), GLOBAL, sent)["w"]
-    assert any(torch.equal(out, torch.tensor(h)) for h in HONEST)
+    one = robust_blocks(AggregationParams(rule="krum", krum_f=2, krum_keep=1), GLOBAL, sent)["w"]
+    assert any(torch.equal(one, torch.tensor(h)) for h in HONEST)
+    multi = robust_blocks(AggregationParams(rule="krum", krum_f=2), GLOBAL, sent)["w"]  # keeps 6 - 2
+    assert torch.allclose(multi, torch.tensor(HONEST).mean(0))
 
 
 def test_clipped_mean_bounds_an_attackers_influence():
@@ -59,14 +61,30 @@ def test_clipped_mean_bounds_an_attackers_influence():
     assert torch.allclose(small, honest_mean)
 
 
-def test_robust_scalars_per_shared_seed():
+def test_robust_scalars_per_shared_seed_over_the_clients_that_drew_it():
     vectors = torch.tensor([[1.0, 0.0, 2.0], [1.2, 0.0, 2.1], [0.8, 0.1, 1.9], [-50.0, 0.0, -50.0]])
+    drawn = vectors != 0
     w = [0.25] * 4
-    assert torch.allclose(robust_scalars(AggregationParams(rule="median"), vectors, w), torch.tensor([0.9, 0.0, 1.95]))
-    krum = robust_scalars(AggregationParams(rule="krum", krum_f=1), vectors, w)
+    # seed 0: median of 4 drawers (0.9 and 1.0 average) x their share 1.0; seed 1: one vote,
+    # too few to outvote an attacker (left out); seed 2: median of 4
+    median = robust_scalars(AggregationParams(rule="median"), vectors, w, drawn)
+    assert torch.allclose(median, torch.tensor([0.9, 0.0, 1.95]))
+    krum = robust_scalars(AggregationParams(rule="krum", krum_f=1, krum_keep=1), vectors, w, drawn)
     assert any(torch.equal(krum, v) for v in vectors[:3])
-    clipped = robust_scalars(AggregationParams(rule="clipped_mean", tau=3.0), vectors, w)
+    clipped = robust_scalars(AggregationParams(rule="clipped_mean", tau=3.0), vectors, w, drawn)
     assert clipped.norm() < 3.0
+    # trimmed mean: beta x n clients (here 2 of 10) may all sit on one seed, so each seed's votes
+    # lose 2 per side; a seed with 4 votes (an attacker among them) takes their median
+    ten = torch.zeros(10, 2)
+    ten[:6, 0] = torch.tensor([1.0, 1.1, 0.9, 1.2, 50.0, 60.0])  # 6 votes: keeps 1.1 and 1.2
+    ten[:4, 1] = torch.tensor([1.0, 2.0, 3.0, -90.0])  # 4 votes: their median 1.5
+    trimmed = robust_scalars(AggregationParams(rule="trimmed_mean", beta=0.2), ten, [0.1] * 10, ten != 0)
+    assert torch.allclose(trimmed, torch.tensor([1.15 * 0.6, 1.5 * 0.4]))
+    # every drawer agreeing: the per-seed rules give the mean's value
+    same = torch.tensor([[0.5, 0.0], [0.5, 0.0], [0.5, 0.0]])
+    for rule in ("median", "trimmed_mean"):
+        out = robust_scalars(AggregationParams(rule=rule, beta=0.2), same, [1 / 3] * 3, same != 0)
+        assert torch.allclose(out, torch.tensor([0.5, 0.0]))
 
 
 def test_malicious_clients_are_a_seeded_choice():
@@ -94,8 +112,8 @@ def test_attacks_corrupt_the_update():
 
 
 # --------------------------------------------------------------------------- tiny runs
-def run(tiny_model_dir, clients, name="fedit", rounds=2, attack=None, **aggregation):
-    cfg = FinetuneParams(method=name, local_steps=2, batch_size=4, lr=5e-3, zo={"K": 16, "lr": 1e-4},
+def run(tiny_model_dir, clients, name="fedit", rounds=2, attack=None, K=16, **aggregation):
+    cfg = FinetuneParams(method=name, local_steps=2, batch_size=4, lr=5e-3, zo={"K": K, "lr": 1e-4},
                          aggregation=aggregation, attack=attack or {})
     torch.manual_seed(cfg.seed)
     model, tok = load_hf(tiny_model_dir)
@@ -131,14 +149,16 @@ SIGN_FLIP = {"fraction": 0.25, "kind": "sign_flip", "scale": 10.0}
 
 @pytest.mark.parametrize("name, rule, keys", [
     ("fedit", {"rule": "median"}, None),
-    ("fedkseed", {"rule": "median"}, ["history"]),
+    ("fedkseed", {"rule": "median", "K": 2}, ["history"]),  # per-seed rules need shared seeds
     ("job", {"rule": "clipped_mean", "tau": 0.5}, ["grads"]),
 ])
 def test_robust_rule_resists_a_sign_flipper(tiny_model_dir, sst2_prompts, name, rule, keys):
     clients = make_clients(sst2_prompts, n=4, size=16)
-    clean, _ = run(tiny_model_dir, clients, name)
-    attacked, h = run(tiny_model_dir, clients, name, attack=SIGN_FLIP)
-    robust, _ = run(tiny_model_dir, clients, name, attack=SIGN_FLIP, **rule)
+    rule = dict(rule)
+    K = rule.pop("K", 16)
+    clean, _ = run(tiny_model_dir, clients, name, K=K)
+    attacked, h = run(tiny_model_dir, clients, name, attack=SIGN_FLIP, K=K)
+    robust, _ = run(tiny_model_dir, clients, name, attack=SIGN_FLIP, K=K, **rule)
     keys = keys or list(clean)
     assert not same_state(clean, attacked)
     assert distance(robust, clean, keys) < distance(attacked, clean, keys)
@@ -152,10 +172,13 @@ def test_aggregation_and_attack_params_are_checked():
         with pytest.raises(ParamsError, match="finetune.aggregation.beta"):
             parse_params({"finetune": {"aggregation": {"rule": "trimmed_mean", "beta": beta}}})
     parse_params({"finetune": {"aggregation": {"rule": "trimmed_mean", "beta": 0.0}}})
-    parse_params({"partition": {"num_clients": 10}, "finetune": {"sample_rate": 0.5, "aggregation": {"rule": "krum", "krum_f": 1}}})
+    parse_params({"partition": {"num_clients": 10},
+                  "finetune": {"sample_rate": 0.5, "aggregation": {"rule": "krum", "krum_f": 1}}})
     with pytest.raises(ParamsError, match=r"finetune\.aggregation\.krum_f: 2 needs at least .* 7 .* samples 5"):
         parse_params({"partition": {"num_clients": 10},
                       "finetune": {"sample_rate": 0.5, "aggregation": {"rule": "krum", "krum_f": 2}}})
+    with pytest.raises(ParamsError, match=r"finetune\.aggregation\.krum_keep"):
+        parse_params({"finetune": {"aggregation": {"rule": "krum", "krum_keep": 0}}})
     with pytest.raises(ParamsError, match=r"finetune\.aggregation\.rule: median .*job"):
         parse_params({"finetune": {"method": "job", "aggregation": {"rule": "median"}}})
     parse_params({"finetune": {"method": "job", "aggregation": {"rule": "clipped_mean"}}})

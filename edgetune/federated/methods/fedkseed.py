@@ -82,7 +82,9 @@ class FedKSeed(SeedScalarMethod):
         else:  # robust: per candidate seed across clients (finetune.aggregation)
             vectors = torch.stack([scalars.index_add(0, r.tensors["index"].long(), r.tensors["grads"])
                                    for r in replies])
-            scalars = robust_scalars(self.cfg.aggregation, vectors, weights_of(replies))
+            drawn = torch.stack([scalars.index_add(0, r.tensors["index"].long(), torch.ones(len(r.tensors["index"])))
+                                 for r in replies]) > 0
+            scalars = robust_scalars(self.cfg.aggregation, vectors, weights_of(replies), drawn)
         return {"history": torch.cat([state["history"], scalars[None]]),
                 "round": state["round"] + 1}
 
