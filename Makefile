@@ -33,8 +33,10 @@ check: setup
 run: setup
 	$(BIN)/python -m flows.pipeline
 
+# Two workers (pytest-xdist), a whole test file at a time so module fixtures build once;
+# PYTEST_ARGS="-n 0" runs everything in one process.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

@@ -26,7 +26,7 @@ SMALL = {
     "data": {"max_train": 400, "max_eval": 48},
     "partition": {"num_clients": 4, "alpha": 0.5, "min_size": 10},
     "finetune": {"num_rounds": 2, "local_steps": 2, "batch_size": 4},
-    "compress": {"calibration": {"samples": 8, "seq_len": 64}},
+    "compress": {"calibration": {"samples": 8, "seq_len": 64}, "evaluate_steps": False},  # evaluate measures the end
     "evaluate": {"ppl_windows": 2, "ppl_seq_len": 128, "latency_new_tokens": 4},
     "tracking": {"experiment": "e2e"},
 }
@@ -169,6 +169,7 @@ def test_a_compression_chain_reruns_compress_only_and_reloads(project):
         {"method": "structural", "ratio": 0.2, "recovery_steps": 2, "recovery_batch_size": 4},
         {"method": "rtn", "bits": 4, "group_size": 64},
     ]
+    params["compress"]["evaluate_steps"] = True
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     try:
         rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
