@@ -66,10 +66,11 @@ def partition(folder: Path, prepared: str) -> Path:
     return out
 
 
-def attack_cases(method: str) -> dict[str, dict]:
-    """label -> finetune overrides: clean, then attack x rule."""
+def attack_cases(method: str, zo_k: int | None = None) -> dict[str, dict]:
+    """label -> finetune overrides: clean, then attack x rule (`zo_k`: another seed pool)."""
     spec = METHODS[method]
-    base = {"method": method, **spec["base"], **spec["attacks"], "sample_rate": ATTACK_SAMPLE_RATE}
+    base = {"method": method, **spec["base"], **spec["attacks"], "sample_rate": ATTACK_SAMPLE_RATE,
+            **({"zo.K": zo_k} if zo_k else {})}
     out = {"clean": base}
     if method == "fedkseed":  # the method's usual seed pool, as a reference for the small one
         out["clean/K4096"] = {**base, "zo.K": 4096}
@@ -99,7 +100,7 @@ def run(method: str, args) -> None:
     from benchmarks import methods
 
     parts = partition(CACHE / "robust", args.prepared)
-    labels = attack_cases(method) if args.part == "attacks" else dp_cases(method)
+    labels = attack_cases(method, args.zo_k) if args.part == "attacks" else dp_cases(method)
     name = args.name or (f"robust_{method}" if args.part == "attacks" else f"dp_{method}")
     argv = ["--partitions", str(parts), "--eval", f"{args.prepared}/eval.parquet",
             "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--name", name,
@@ -182,6 +183,8 @@ def main(argv=None) -> None:
     p.add_argument("--merge", nargs="+", metavar="NAME", help="fold these results files' cases into --method's "
                    "file (the cases of a run split over processes)")
     p.add_argument("--prepared", default="data/prepared", help="the prepare stage's SST-2 folder")
+    p.add_argument("--zo-k", type=int, help="FedKSeed's seed pool for the attack cases (default 8); more votes "
+                   "per seed with a smaller one. Use with --name, e.g. robust_fedkseed_k4")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--local-steps", type=int, default=3)
     p.add_argument("--max-eval", type=int, help="first N dev examples (default: all 872)")
