@@ -26,22 +26,20 @@ def build_flow():
     from prefect import flow, get_run_logger, task
     from prefect.cache_policies import NO_CACHE
 
-    from edgetune.federated.flower import deploy, launch
-    from edgetune.federated.flower.simulation import simulate
+    from edgetune.federated.flower import launch
 
     @task(name="start federation", cache_policy=NO_CACHE)
-    def start_federation(stack: ExitStack, folder: Path, nodes: list[dict]) -> Path:
-        federation = stack.enter_context(deploy.LoopbackFederation(folder, nodes))
-        get_run_logger().info("SuperLink at %s with %d SuperNodes (logs: %s)", federation.address,
-                              len(nodes), folder / "logs")
-        return federation.home
+    def start_federation(stack: ExitStack, job, path: Path, partitions: Path, cfg) -> Path | None:
+        home = launch.open_federation(stack, job, path, partitions, cfg)
+        get_run_logger().info("flower: %s (logs: %s)", "Simulation Engine" if cfg.flower.simulation else
+                              cfg.flower.superlink or f"{cfg.flower.nodes} SuperNodes on loopback",
+                              path.parent / "logs")
+        return home
 
     @task(name="run on flower", cache_policy=NO_CACHE)
     def run_on_flower(home: Path | None, job: Path, cfg, num_clients: int) -> None:
-        if cfg.flower.simulation:
-            simulate(job, num_clients, cfg.flower.client_cpus)
-        else:
-            run = deploy.submit(home, job, launch.run_timeout(cfg))
+        run = launch.run_job(home, job, cfg, num_clients)
+        if run:
             get_run_logger().info("flower run %s: %s, traffic %s", run.get("run-id"), run["status"],
                                   run.get("network-traffic"))
 
@@ -67,13 +65,8 @@ def build_flow():
             clients = load_clients(Path(partitions), get_task(params.data.task).target_column)
             launch.preflight(Path(model), cfg, len(clients))
             job, path = launch.write_job(Path(model), Path(partitions), params.data.task, cfg, Path(out), len(clients))
-            home = path.parent / "flwr-home"
             with ExitStack() as stack:
-                f = cfg.flower
-                if f.superlink is None and not f.simulation:
-                    home = start_federation(stack, path.parent, launch.loopback_nodes(job, Path(partitions), f.nodes))
-                elif f.superlink is not None:
-                    deploy.write_connection(home, f.superlink, f.insecure, f.root_certificates)
+                home = start_federation(stack, job, path, Path(partitions), cfg)
                 run_on_flower(home, path, cfg, len(clients))
             return collect(Path(out), cfg, len(clients), Path(out) / "metrics.json")
 

@@ -8,6 +8,7 @@ flows/federation.py runs the same three steps as Prefect tasks.
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 from edgetune.config import BadInput, FinetuneParams, RunFailed
@@ -17,25 +18,41 @@ from edgetune.federated.flower.job import FlowerJob, history_file
 
 def finetune_on_flower(base_dir: Path, partitions: Path, task: str, cfg: FinetuneParams, out_dir: Path,
                        num_clients: int) -> tuple[dict, list[RoundLog]]:
-    from edgetune.federated.flower.deploy import (
-        LoopbackFederation,
-        submit,
-        write_connection,
-    )
-    from edgetune.federated.flower.simulation import simulate
-
     preflight(base_dir, cfg, num_clients)
     job, path = write_job(base_dir, partitions, task, cfg, out_dir, num_clients)
-    folder = path.parent
+    with ExitStack() as stack:
+        home = open_federation(stack, job, path, partitions, cfg)
+        run_job(home, path, cfg, num_clients)
+    return read_history(out_dir, cfg, num_clients)
+
+
+def open_federation(stack: ExitStack, job: FlowerJob, path: Path, partitions: Path,
+                    cfg: FinetuneParams) -> Path | None:
+    """The FLWR_HOME that `flwr run` submits from: a SuperLink and SuperNodes started on
+    loopback (stopped when `stack` closes) or a connection to finetune.flower.superlink;
+    None on the Simulation Engine, which needs neither."""
+    from edgetune.federated.flower.deploy import LoopbackFederation, write_connection
+
+    flower = cfg.flower
+    if flower.simulation:
+        return None
+    if flower.superlink is None:
+        nodes = loopback_nodes(job, partitions, flower.nodes)
+        return stack.enter_context(LoopbackFederation(path.parent, nodes)).home
+    home = path.parent / "flwr-home"
+    write_connection(home, flower.superlink, flower.insecure, flower.root_certificates)
+    return home
+
+
+def run_job(home: Path | None, path: Path, cfg: FinetuneParams, num_clients: int) -> dict:
+    """Run the job at `path` until it ends; Flower's record of the run ({} in simulation)."""
+    from edgetune.federated.flower.deploy import submit
+    from edgetune.federated.flower.simulation import simulate
+
     if cfg.flower.simulation:
         simulate(path, num_clients, cfg.flower.client_cpus)
-    elif cfg.flower.superlink is None:
-        with LoopbackFederation(folder, loopback_nodes(job, partitions, cfg.flower.nodes)) as federation:
-            submit(federation.home, path, run_timeout(cfg))
-    else:
-        write_connection(folder / "flwr-home", cfg.flower.superlink, cfg.flower.insecure, cfg.flower.root_certificates)
-        submit(folder / "flwr-home", path, run_timeout(cfg))
-    return read_history(out_dir, cfg, num_clients)
+        return {}
+    return submit(home, path, run_timeout(cfg))
 
 
 def preflight(base_dir: Path, cfg: FinetuneParams, num_clients: int) -> None:

@@ -104,7 +104,8 @@ class SeedScalarMethod(FederatedMethod):
 
     def apply_global(self, model, state) -> None:
         version = int(self.downlink(state).meta["round"])
-        if self.model_round == 0 and version > 1:  # never synced (a Flower server): replay it all
+        if self.model_round == 0 and version > 1:  # still the initial weights (a model that never
+            # ran a client, e.g. Flower's ServerApp): replay the whole history
             self.rebuild(model, state)
             self.model_round = version
             return
