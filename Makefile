@@ -1,6 +1,8 @@
-# make run   : set up .venv and run the whole pipeline (Prefect flow over the DVC stages)
-# make test  : set up .venv and run the test suite
-# Offline: make run DATA_MIRROR=../shared/data   (a local mirror of the datasets)
+# make run       : set up .venv and run the whole pipeline (Prefect flow over the DVC stages)
+# make test      : set up .venv and run the whole test suite (what CI runs)
+# make test-fast : unit tests and pipeline wiring on a tiny model (the development loop)
+# The default pipeline's data ships with edgetune; DATA_MIRROR=../shared/data reads a local
+# mirror of the datasets instead (other tasks: the mirror, else the hub).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(abspath $(VENV))/bin
@@ -15,7 +17,7 @@ ifneq ($(DATA_MIRROR),)
 export EDGETUNE_DATA_MIRROR := $(abspath $(DATA_MIRROR))
 endif
 
-.PHONY: setup run test check mlflow-ui prefect-ui clean
+.PHONY: setup run test test-fast check mlflow-ui prefect-ui clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +39,10 @@ run: setup
 # PYTEST_ARGS="-n 0" runs everything in one process.
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# Not the real-model end-to-end, Flower or `slow` tests (markers in pyproject.toml).
+test-fast: setup
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not e2e and not flower and not slow" $(PYTEST_ARGS)
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1

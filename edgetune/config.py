@@ -51,10 +51,14 @@ class DataParams(Section):
     task: Literal["sst2", "qnli", "squad", "drop", "dolly"] = Field(
         "sst2", description="task module under edgetune/tasks (classification: sst2, qnli; "
         "generation: squad, drop, dolly)")
+    source: Literal["auto", "packaged", "hub", "mirror"] = Field(
+        "auto", description="where the data comes from: packaged (shipped with edgetune: sst2 and "
+        "WikiText-2) | hub | mirror (a local folder); auto = the mirror if one is set, else the "
+        "packaged data when the task has it, else the hub")
     mirror: str | None = Field(
         None,
         description="local mirror folder of the datasets (e.g. ../shared/data); null = env "
-        "EDGETUNE_DATA_MIRROR, else the hub",
+        "EDGETUNE_DATA_MIRROR",
     )
     max_train: int | None = Field(None, ge=1, description="subsample the train split (seeded)")
     max_eval: int | None = Field(None, ge=1, description="subsample the eval split (seeded)")
@@ -266,9 +270,9 @@ class FinetuneParams(Section):
         "fedit", description="federated method (registry name); mezo = one centralized client")
     trainable: Literal["auto", "full", "lora", "prefix", "prompt", "bitfit"] = Field(
         "auto", description="what a zeroth-order method trains; auto = the method's own set")
-    num_rounds: int = Field(10, ge=1, description="federated rounds")
+    num_rounds: int = Field(8, ge=1, description="federated rounds")
     sample_rate: float = Field(0.5, gt=0, le=1, description="share of clients sampled per round")
-    local_steps: int = Field(5, ge=1, description="optimizer steps per sampled client per round")
+    local_steps: int = Field(3, ge=1, description="optimizer steps per sampled client per round")
     batch_size: int = Field(8, ge=1, description="examples per local step")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="client AdamW learning rate (weight-exchanging methods); auto = the "
@@ -481,7 +485,7 @@ class EvaluateParams(Section):
 
 # --------------------------------------------------------------------------- tracking
 class TrackingParams(Section):
-    experiment: str = Field("edgetune", min_length=1, description="MLflow experiment name")
+    experiment: str = Field("edgetune-sst2", min_length=1, description="MLflow experiment name")
 
 
 class Params(Section):

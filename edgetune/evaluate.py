@@ -137,6 +137,21 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
     }
 
 
+def check_inputs(data: str, models) -> None:
+    """Every model an HF folder and the prepared files readable, before any process is spawned
+    (an error inside the evaluation process would arrive as a traceback)."""
+    from edgetune.config import BadInput
+    from edgetune.models import model_folder
+    from edgetune.tasks.base import require_parquet
+
+    require_parquet(Path(data) / "eval.parquet")
+    text = Path(data) / "wikitext2_test.txt"
+    if not text.is_file():
+        raise BadInput(f"{text}: file not found (re-run the prepare stage)")
+    for path in models:
+        model_folder(path)
+
+
 def evaluate_isolated(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
                       name: str | None = None) -> dict:
     """evaluate_model in a fresh spawned process, so peak memory is this model's alone."""

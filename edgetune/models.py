@@ -10,6 +10,7 @@ Sources, first match wins:
 from __future__ import annotations
 
 import importlib.util
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from edgetune.config import BadInput
 
 PACKAGED = "packaged"
 PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_FIX = ("set model.source to a local HF folder, a .gguf file or 'packaged' "
+           "(or HF_HUB_OFFLINE=1 with the model in the local cache)")
 
 
 @dataclass(frozen=True)
@@ -64,14 +67,20 @@ def parse_source(source: str) -> ModelSource:
 
 def load_source(src: ModelSource, dtype: str = "float32"):
     """Load (model, tokenizer) from a parsed source; GGUF weights are dequantized to `dtype`."""
+    from edgetune.hub import hub_access, require_hub
+
+    if src.kind == "hub":
+        require_hub(f"model {src.location!r}", HUB_FIX)  # before the slow imports
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
     kwargs = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+    hub = (hub_access(f"model {src.location!r}", HUB_FIX) if src.kind == "hub" else nullcontext())
     try:
-        tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype, **kwargs)
+        with hub:
+            tok = AutoTokenizer.from_pretrained(src.location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(src.location, dtype=torch_dtype, **kwargs)
     except (OSError, ValueError) as e:
         where = str(Path(src.location) / src.gguf_file) if src.gguf_file else src.location
         raise BadInput(f"model.source: cannot load {where!r} ({src.kind}): {e}") from None

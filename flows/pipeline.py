@@ -45,7 +45,8 @@ def dag_order(dvc_file: str = "dvc.yaml") -> list[str]:
     def paths(entries):
         return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
-    outs = {s: paths(d.get("outs")) for s, d in stages.items()}
+    outs = {s: paths(d.get("outs")) + paths(d.get("metrics")) + paths(d.get("plots"))
+            for s, d in stages.items()}
 
     def feeds(a: str, b: str) -> bool:  # does stage a produce something b depends on?
         return any(dep == o or dep.startswith(o.rstrip("/") + "/")
@@ -101,7 +102,7 @@ def build_flow():
         return None
 
     @flow(name="edgetune-pipeline")
-    def pipeline(force: bool = False) -> dict[str, str]:
+    def pipeline(force: bool = False) -> dict:
         params = load_params()
         logger = get_run_logger()
         mlflow = tracking.configure(params.tracking.experiment)
@@ -130,13 +131,14 @@ def build_flow():
             mlflow.set_tag("edgetune.cached_stages",
                            ",".join(s for s, o in outcomes.items() if o == "cached") or "none")
         logger.info("stages: %s", ", ".join(f"{s}={o}" for s, o in outcomes.items()))
-        return outcomes
+        return {"stages": outcomes, "run_id": parent.info.run_id,
+                "experiment_id": parent.info.experiment_id}
 
     return pipeline
 
 
 def section_params(params, stage: str) -> dict[str, object]:
-    section = {"prepare": "data", "calibrate": "compress.calibration"}.get(stage, stage)
+    section = {"prepare": "data", "calibrate": "compress.calibration", "zeroshot": "evaluate"}.get(stage, stage)
     return {k: v for k, v in flatten(params).items() if k.startswith(section + ".")}
 
 
@@ -173,9 +175,30 @@ def main(argv: list[str] | None = None) -> int:
     if state.is_failed():
         print(f"pipeline failed: {state.message}", file=sys.stderr)
         return 1
-    outcomes = state.result()
-    print("pipeline done: " + ", ".join(f"{s} {o}" for s, o in outcomes.items()))
+    result = state.result()
+    print("pipeline done: " + ", ".join(f"{s} {o}" for s, o in result["stages"].items()))
+    print(summary(Path("metrics"), result["run_id"], result["experiment_id"]))
     return 0
+
+
+def summary(folder: Path, run_id: str, experiment_id: str) -> str:
+    """What a run produced, for the end of `make run`: zero-shot -> fine-tuned -> compressed
+    (score, size, tokens/s), where the final model is, and how to open this run in MLflow."""
+    path = folder / "evaluate.json"
+    rows = json.loads(path.read_text()) if path.is_file() else {}
+    lines = ["", f"{'model':<12}{'score':>8}{'size MB':>10}{'tokens/s':>10}  folder"]
+    folders = {"base": "models/base", "finetuned": "models/finetuned/merged", "compressed": "models/compressed"}
+    for name, label in (("base", "zero-shot"), ("finetuned", "fine-tuned"), ("compressed", "compressed")):
+        m = rows.get(name) or {}
+        if m:
+            lines.append(f"{label:<12}{m.get('score', float('nan')):>8.4f}{m.get('size_mb', float('nan')):>10.1f}"
+                         f"{m.get('tokens_per_s', float('nan')):>10.1f}  {folders[name]}")
+    if "gain_over_zero_shot" in rows:
+        lines.append(f"gain over zero-shot: {100 * rows['gain_over_zero_shot']:+.1f} points")
+    lines += [f"final model (Hugging Face folder): {folders['compressed']}",
+              "MLflow: make mlflow-ui, then open "
+              f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
 """evaluate: the task's metric (accuracy, EM / F1, ROUGE-L), WikiText-2 perplexity, size,
-latency and peak memory of the base (zero-shot), fine-tuned and compressed models, each in its
-own process."""
+latency and peak memory of the fine-tuned and compressed models, each in its own process, next
+to the zero-shot scores of the zeroshot stage.
 
+No model is measured twice: the zero-shot scores come from the zeroshot stage (--zero-shot),
+and a compressed model the compress stage already measured (compress.evaluate_steps) is taken
+from its metrics (--compress-metrics) with the same measurement function and knobs."""
 
+import json
 from pathlib import Path
 
 from edgetune.cli import parser, run_main, stage, write_metrics
@@ -10,44 +14,66 @@ from edgetune.config import BadInput
 
 
 def named_models(values: list[str]) -> dict[str, str]:
-    """{'base': 'models/base', ...} from the repeated --model NAME=DIR flags."""
+    """{'finetuned': 'models/finetuned/merged', ...} from the repeated --model NAME=DIR flags."""
     bad = [v for v in values if not v.partition("=")[0] or not v.partition("=")[2]]
     if bad:
-        raise BadInput(f"--model: expected NAME=DIR (e.g. base=models/base), got {bad[0]!r}")
+        raise BadInput(f"--model: expected NAME=DIR (e.g. finetuned=models/finetuned/merged), got {bad[0]!r}")
     return dict(v.split("=", 1) for v in values)
 
 
-def check_inputs(data: str, models: dict[str, str]) -> None:
-    """Every model an HF folder and the prepared files readable, before any process is spawned
-    (an error inside the evaluation process would arrive as a traceback)."""
-    from edgetune.models import model_folder
-    from edgetune.tasks.base import require_parquet
+def read_json(path: str, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path}: cannot read the {what} metrics ({e.__class__.__name__}); re-run that stage") from None
 
-    require_parquet(Path(data) / "eval.parquet")
-    text = Path(data) / "wikitext2_test.txt"
-    if not text.is_file():
-        raise BadInput(f"{text}: file not found (re-run the prepare stage)")
-    for path in models.values():
-        model_folder(path)
+
+def measured_by_compress(path: str | None, compressed: str | None, params) -> dict | None:
+    """The last compress step's measurement, when compress made one of the same model: steps
+    measured (evaluate_steps) and not an adapter folder (there compress measures the base)."""
+    from edgetune.models import is_adapter_folder
+
+    if not (path and compressed and params.compress.steps and params.compress.evaluate_steps):
+        return None
+    if is_adapter_folder(compressed):
+        return None
+    steps = read_json(path, "compress").get("steps") or {}
+    last = steps.get(f"{len(params.compress.steps) - 1}_{params.compress.steps[-1].method}")
+    if not last or "score" not in last:
+        return None
+    return {k: v for k, v in last.items() if k not in ("method", "seconds")} | {"measured_by": "compress"}
 
 
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared data folder")
     p.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
-                   help="a model to evaluate, e.g. base=models/base (repeatable)")
+                   help="a model to evaluate, e.g. finetuned=models/finetuned/merged (repeatable)")
+    p.add_argument("--zero-shot", help="the zeroshot stage's metrics (reported as 'base')")
+    p.add_argument("--compress-metrics", help="the compress stage's metrics (its last step's "
+                   "measurement stands for the 'compressed' model)")
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
     models = named_models(args.model)
-    with stage("evaluate", args.params, [args.data, *models.values()], [args.metrics]) as (params, _):
-        from edgetune.evaluate import evaluate_isolated
+    inputs = [args.data, *models.values(), *filter(None, [args.zero_shot, args.compress_metrics])]
+    with stage("evaluate", args.params, inputs, [args.metrics]) as (params, _):
+        from edgetune.evaluate import check_inputs, evaluate_isolated
 
-        check_inputs(args.data, models)
-        same_as_finetuned = not params.compress.steps and {"compressed", "finetuned"} <= models.keys()
-        results = {name: evaluate_isolated(path, args.data, params.data.task, params.evaluate, name)
-                   for name, path in models.items() if not (same_as_finetuned and name == "compressed")}
-        if same_as_finetuned:  # no compression step: the compressed folder is a copy, measure it once
-            results["compressed"] = results["finetuned"]
+        check_inputs(args.data, models.values())
+        results = {"base": read_json(args.zero_shot, "zeroshot")} if args.zero_shot else {}
+        if not params.compress.steps and {"compressed", "finetuned"} <= models.keys():
+            models.pop("compressed")  # no compression step: the folder is a copy, measure it once
+            copy_of = "finetuned"
+        else:
+            copy_of = None
+            reused = measured_by_compress(args.compress_metrics, models.get("compressed"), params)
+            if reused:
+                results["compressed"] = reused
+                models.pop("compressed")
+        for name, path in models.items():
+            results[name] = evaluate_isolated(path, args.data, params.data.task, params.evaluate, name)
+        if copy_of:
+            results["compressed"] = results[copy_of]
         if "base" in results and "finetuned" in results:
             results["gain_over_zero_shot"] = results["finetuned"]["score"] - results["base"]["score"]
         write_metrics(args.metrics, results)

@@ -66,3 +66,22 @@ def sst2_prompts(mirror):
 
     ds = get_task("sst2").load("train", mirror).select(range(400))
     return list(ds["prompt"]), list(ds["label"])
+
+
+# Tests that take minutes on 2 cores (real subprocess kills, fresh-process replays, real-model
+# training or compression): marked `slow`, so `make test-fast` leaves them out. Node-id prefixes.
+SLOW = (
+    "tests/test_resume.py::test_killed",
+    "tests/test_resume.py::test_other_params_do_not_resume",
+    "tests/test_meft.py::test_rebuild_in_a_fresh_process_is_bit_identical",
+    "tests/test_oneshot.py::test_compressed_folders_reload_in_a_fresh_process",
+    "tests/test_compress.py::test_int8_is_smaller_close_and_reloads_in_a_fresh_process",
+    "tests/test_compress.py::test_compress_stage_rejects_a_chain_step_before_loading_any_weights",
+    "tests/test_distill.py::test_off_policy_gkd_halves_depth_reloads_and_approaches_the_teacher",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(SLOW):
+            item.add_marker(pytest.mark.slow)

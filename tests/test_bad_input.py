@@ -79,6 +79,7 @@ def mirror(files: dict | None = None):
 
 
 MIRROR = {"data": {"mirror": "{tmp}/mirror"}}
+UNREACHABLE = "http://127.0.0.1:9"  # a hub endpoint that refuses connections (the discard port)
 
 
 def parquet(rel: str, rows: dict | bytes | None = None):
@@ -177,6 +178,17 @@ CASES = [
          setup=text("list.yaml", "- model\n- data\n")),
     # ------------------------------------------------------------------ data
     Case("data-mirror-folder-missing", "prepare", "data.mirror", key("data.mirror", "{tmp}/nope")),
+    Case("data-source-mirror-without-folder", "prepare", ("data.source: mirror needs a mirror folder",
+                                                          "EDGETUNE_DATA_MIRROR"),
+         key("data.source", "mirror"), env={"EDGETUNE_DATA_MIRROR": ""}),
+    Case("data-source-packaged-task-without", "prepare", "data.source: packaged data ships only for ['sst2'], not qnli",
+         {"data": {"task": "qnli", "source": "packaged"}}),
+    Case("data-hub-unreachable", "prepare", ("cannot reach the Hugging Face hub for dataset 'nyu-mll/glue'",
+                                             "set data.mirror or $EDGETUNE_DATA_MIRROR"),
+         {"data": {"task": "qnli", "source": "hub"}}, env={"HF_ENDPOINT": UNREACHABLE}),
+    Case("data-hub-unreachable-packaged-hint", "prepare", ("hub for dataset 'stanfordnlp/sst2'",
+                                                           "or data.source: packaged"),
+         key("data.source", "hub"), env={"HF_ENDPOINT": UNREACHABLE}),
     Case("data-mirror-file-missing", "prepare", "{tmp}/mirror/sst2/dev.tsv", MIRROR, mirror({"sst2/dev.tsv": None})),
     Case("data-corrupt-tsv", "prepare", "{tmp}/mirror/sst2/train.tsv", MIRROR,
          mirror({"sst2/train.tsv": "sentence\tlabel\na film\t1\nbroken\trow\twith\textra\tfields\n"})),
@@ -216,6 +228,9 @@ CASES = [
     Case("data-corrupt-eval-parquet", "evaluate", "{tmp}/data/eval.parquet",
          setup=both(EVAL_INPUTS, parquet("data/eval.parquet", CORRUPT), HF_STUB)),
     # ------------------------------------------------------------------ model
+    Case("model-hub-unreachable", "model", ("cannot reach the Hugging Face hub for model 'someone/some-model'",
+                                            "set model.source to a local HF folder"),
+         key("model.source", "someone/some-model"), env={"HF_ENDPOINT": UNREACHABLE}),
     Case("model-source-missing-path", "model", "model.source: '{tmp}/nope'", key("model.source", "{tmp}/nope")),
     Case("model-source-not-hf-folder", "model", "model.source: '{tmp}/model' is not a Hugging Face folder",
          key("model.source", "{tmp}/model"), folders("model")),

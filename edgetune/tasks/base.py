@@ -26,12 +26,29 @@ class Task:
     name: str
     hub_id: str
     splits: tuple[str, str]  # (train split, eval split)
-    loader: Callable[[str, Path | None], "datasets.Dataset"]
+    loader: Callable[[str, Path | None], "datasets.Dataset"]  # (split, mirror folder or None = hub)
+    packaged_loader: Callable[[str], "datasets.Dataset"] | None = None  # data shipped in edgetune
 
-    def load(self, split: str, mirror: Path | None) -> "datasets.Dataset":
+    @property
+    def has_packaged(self) -> bool:
+        return self.packaged_loader is not None
+
+    def load(self, split: str, source: "DataSource | Path | None") -> "datasets.Dataset":
+        """The split from `source` (a DataSource; a Path means that mirror, None the hub)."""
         if split not in self.splits:
             raise BadInput(f"task {self.name}: unknown split {split!r}; expected one of {self.splits}")
-        return self.loader(split, mirror)
+        source = DataSource.of(source)
+        if source.kind == "packaged":
+            if not self.has_packaged:
+                raise BadInput(f"data.source: packaged data ships only for {packaged_tasks()}, not "
+                               f"{self.name}; use hub or mirror")
+            return self.packaged_loader(split)
+        if source.kind == "mirror":
+            return self.loader(split, source.mirror)
+        from edgetune.hub import hub_access
+
+        with hub_access(f"dataset {self.hub_id!r} (task {self.name})", hub_fix(self)):
+            return self.loader(split, None)
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,45 @@ def get_task(name: str) -> Task:
     if name not in TASKS:
         raise BadInput(f"data.task: unknown task {name!r}; expected one of {sorted(TASKS)}")
     return TASKS[name]
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """Where a split is read from: data shipped in edgetune, the hub, or a mirror folder."""
+
+    kind: str  # packaged | hub | mirror
+    mirror: Path | None = None
+
+    @classmethod
+    def of(cls, value: "DataSource | Path | None") -> "DataSource":
+        if isinstance(value, DataSource):
+            return value
+        return cls("hub") if value is None else cls("mirror", Path(value))
+
+    def describe(self) -> str:
+        return f"mirror {self.mirror}" if self.kind == "mirror" else self.kind
+
+
+def packaged_tasks() -> list[str]:
+    return sorted(name for name, t in TASKS.items() if t.has_packaged)
+
+
+def hub_fix(task: Task) -> str:
+    fix = f"set data.mirror or ${MIRROR_ENV} to a local mirror folder"
+    return fix + (" or data.source: packaged" if task.has_packaged else "")
+
+
+def resolve_source(source: str, mirror: str | None, has_packaged: bool) -> DataSource:
+    """data.source as a DataSource. auto = the mirror if one is set (data.mirror or
+    $EDGETUNE_DATA_MIRROR), else the packaged data when there is some, else the hub."""
+    folder = resolve_mirror(mirror) if source in ("auto", "mirror") else None
+    if source == "mirror" and folder is None:
+        raise BadInput(f"data.source: mirror needs a mirror folder; set data.mirror or ${MIRROR_ENV}")
+    if source == "mirror" or (source == "auto" and folder is not None):
+        return DataSource("mirror", folder)
+    if source == "packaged" or (source == "auto" and has_packaged):
+        return DataSource("packaged")
+    return DataSource("hub")
 
 
 def resolve_mirror(configured: str | None) -> Path | None:

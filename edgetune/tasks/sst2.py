@@ -1,7 +1,8 @@
 """SST-2 (GLUE; Socher et al., 2013): binary sentiment, scored by accuracy.
 
 Mirror layout: <mirror>/sst2/{train,dev}.tsv with columns `sentence`, `label` (GLUE format).
-Hub: `stanfordnlp/sst2` (train / validation).
+Hub: `stanfordnlp/sst2` (train / validation). Packaged: both splits ship with edgetune
+(edgetune/tasks/packaged.py), the mirror's rows as they are.
 """
 
 from __future__ import annotations
@@ -39,6 +40,20 @@ def _load(split: str, mirror: Path | None):
         if missing:
             raise BadInput(f"{path}: missing column(s) {sorted(missing)}; expected sentence, label")
         origin = str(path)
+    return to_dataset(frame, origin, split)
+
+
+def _load_packaged(split: str):
+    from edgetune.tasks import packaged
+
+    return to_dataset(packaged.read_frame(f"sst2/{split}"), f"packaged sst2/{split}", split)
+
+
+def to_dataset(frame, origin: str, split: str):
+    """Rows with `sentence`, `label` as a Dataset of `prompt`, `label`, labels checked."""
+    import datasets
+    import pandas as pd
+
     if frame.empty:
         raise BadInput(f"{origin}: sst2/{split} split is empty")
     frame = frame.dropna(subset=["sentence"])
@@ -55,6 +70,7 @@ TASK = register_task(
         hub_id="stanfordnlp/sst2",
         splits=("train", "dev"),
         loader=_load,
+        packaged_loader=_load_packaged,
         label_words=LABEL_WORDS,
     )
 )

@@ -1,0 +1,59 @@
+"""A throw-away copy of the pipeline (code, dvc.yaml, params.yaml with overrides) in a temp
+folder, run as a user runs it: subprocesses, no data mirror, the hub offline (the packaged data)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import REPO
+
+
+def run(cmd, cwd, env, timeout=900) -> tuple[int, str]:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def ran_stages(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '(\w+)'", output))
+
+
+def set_params(root: Path, overrides: dict) -> str:
+    """Merge {section: {key: value}} into root/params.yaml (one level deep); returns the old text."""
+    old = (root / "params.yaml").read_text()
+    params = yaml.safe_load(old)
+    for section, values in overrides.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return old
+
+
+def make_project(root: Path, overrides: dict) -> dict[str, str]:
+    """Copy the pipeline into root with params.yaml + overrides and `dvc init` it; returns the
+    environment to run it with."""
+    import shutil
+
+    for name in ("edgetune", "stages", "flows"):
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root)
+    shutil.copy(REPO / "params.yaml", root)
+    set_params(root, overrides)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_TRACKING", "PREFECT_API", "EDGETUNE_DATA_MIRROR"))}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PREFECT_HOME=str(root / ".prefect"),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=env)
+    return env
+
+
+def mlflow_runs(root: Path, experiment: str):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id], order_by=["start_time ASC"])

@@ -1,0 +1,99 @@
+"""Pipeline wiring on a tiny model (fast tier): the Prefect flow over the DVC stages, MLflow
+parent / child runs, DVC caching (the zero-shot scores cached apart from fine-tuning), no model
+measured twice, and a failing stage. The same flow on the real SmolLM2 with real metrics is
+tests/test_pipeline_e2e.py."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.pipeline_project import make_project, mlflow_runs, ran_stages, run, set_params
+
+STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "zeroshot", "evaluate"}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("wiring")
+    env = make_project(root, {
+        "model": {"source": str(tiny_model_dir)},
+        "data": {"max_train": 200, "max_eval": 16},
+        "partition": {"num_clients": 4, "min_size": 10},
+        "finetune": {"num_rounds": 2, "local_steps": 1, "batch_size": 4},
+        "compress": {"calibration": {"samples": 4, "seq_len": 32}, "evaluate_steps": True},
+        "evaluate": {"ppl_windows": 1, "ppl_seq_len": 32, "latency_new_tokens": 2},
+        "tracking": {"experiment": "wiring"},
+    })
+    rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
+    assert rc == 0, output[-4000:]
+    return root, env, output
+
+
+def parent_and_children(root):
+    client, runs = mlflow_runs(root, "wiring")
+    parent = [r for r in runs if "mlflow.parentRunId" not in r.data.tags][-1]
+    return parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id], runs
+
+
+def test_flow_runs_every_stage_once_with_a_child_run_each(project):
+    root, _, output = project
+    assert ran_stages(output) == STAGES
+    parent, children, runs = parent_and_children(root)
+    assert sorted(r.data.tags["edgetune.stage"] for r in children) == sorted(STAGES)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert "accuracy_zero_shot" in parent.data.metrics and "accuracy_compressed" in parent.data.metrics
+    assert "gain over zero-shot" in output and f"runs/{parent.info.run_id}" in output
+
+
+def test_each_model_is_measured_once(project):
+    root, _, output = project
+    ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+    zero_shot = json.loads((root / "metrics" / "zeroshot.json").read_text())
+    last_step = json.loads((root / "metrics" / "compress.json").read_text())["steps"]["0_int8"]
+    assert ev["base"] == zero_shot
+    assert ev["compressed"]["measured_by"] == "compress"
+    assert ev["compressed"]["accuracy"] == last_step["accuracy"]
+    evaluate_log = output.split("Running stage 'evaluate'")[-1]
+    assert "finetuned accuracy" in evaluate_log and "compressed accuracy" not in evaluate_log
+
+
+def test_immediate_second_repro_runs_nothing(project):
+    root, env, _ = project
+    rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
+    assert rc == 0, output
+    assert ran_stages(output) == set() and "Data and pipelines are up to date" in output
+
+
+def test_a_finetune_knob_reruns_only_finetune_and_what_follows(project):
+    """The zero-shot scores and the calibration do not depend on finetune.*: the flow takes
+    them from DVC's cache and links their cached runs under the new parent run."""
+    root, env, _ = project
+    old = set_params(root, {"finetune": {"lr": 2e-3}})
+    try:
+        rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
+        assert rc == 0, output[-4000:]
+        assert ran_stages(output) == {"finetune", "compress", "evaluate"}
+        parent, children, runs = parent_and_children(root)
+        cached = {r.data.tags["edgetune.stage"] for r in children if r.data.tags["edgetune.cached"] == "true"}
+        assert cached == STAGES - {"finetune", "compress", "evaluate"} and len(children) == len(STAGES)
+        assert parent.data.params["finetune.lr"] == "0.002" and "accuracy_finetuned" in parent.data.metrics
+        assert all(r.info.status == "FINISHED" for r in runs)
+    finally:
+        (root / "params.yaml").write_text(old)
+
+
+def test_failing_stage_fails_the_flow_and_leaves_no_running_run(project):
+    root, env, _ = project
+    old = set_params(root, {"finetune": {"lora": {"targets": ["no_such_module"]}}})
+    try:
+        rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
+        assert rc == 1
+        assert "stage 'finetune' failed" in output and "no_such_module" in output
+        _, _, runs = parent_and_children(root)
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+        assert not (root / "models" / "finetuned").exists()
+    finally:
+        (root / "params.yaml").write_text(old)
