@@ -16,9 +16,10 @@ import torch
 import yaml
 
 from edgetune.cli import run_main
-from edgetune.config import CENTRALIZED_METHODS, FinetuneParams, ParamsError, parse_params
+from edgetune.config import FinetuneParams, ParamsError, parse_params
 from edgetune.federated.engine import TooFewClients, drop_out, round_generator, run_federation, sample_clients
-from edgetune.federated.methods import METHODS, build_method
+from edgetune.federated import registry
+from edgetune.federated.methods import build_method, get_method
 from edgetune.models import load_hf
 from edgetune.tasks import get_task
 from tests.conftest import REPO
@@ -196,7 +197,7 @@ def test_min_clients_above_a_round_is_a_params_error():
     for key, value in [("dropout", 1.0), ("dropout", -0.1), ("min_clients", 0), ("round_retries", -1)]:
         with pytest.raises(ParamsError, match=f"finetune.{key}"):
             parse_params({"finetune": {key: value}})
-    assert {n for n, cls in METHODS.items() if cls.centralized} == set(CENTRALIZED_METHODS)
+    assert {n for n in registry.names() if get_method(n).centralized} == {"mezo"}
 
 
 def test_finetune_stage_exits_2_on_impossible_min_clients(tmp_path):

@@ -76,10 +76,8 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
              resume=None) -> tuple[dict, list[RoundLog]]:
     """`resume` (resume.ResumeFolder): go on after its last saved round, and save each round.
     finetune.backend flower: the same rounds on Flower (flower/launch.py), logged there."""
-    from edgetune.federated.methods import get_method
     from edgetune.tasks import get_task
 
-    method_cls = get_method(cfg.method)
     task = get_task(task_name)
     clients = load_clients(partitions, task.target_column)
     if cfg.backend == "flower":
@@ -87,7 +85,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
 
         return finetune_on_flower(base_dir, partitions, task_name, cfg, out_dir, len(clients))
     sample_rate = cfg.sample_rate
-    if method_cls.centralized:  # e.g. mezo: one client with all the data
+    if cfg.spec.centralized:  # e.g. mezo: one client with all the data
         clients, sample_rate, cfg = centralize(clients, cfg)
     method, model = prepare(base_dir, task, cfg, len(clients), sample_rate)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
