@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     from benchmarks.common import RESULTS, model_dir, save
     from edgetune.config import FinetuneParams, load_params
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.train import attack_of, centralize, load_clients, prepare
+    from edgetune.federated.setup import attack_of, centralize, load_clients, prepare
     from edgetune.models import load_hf
     from edgetune.scoring import accuracy, label_token_ids
     from edgetune.tasks import get_task
@@ -98,7 +98,7 @@ def main(argv=None) -> None:
         method, model = prepare(path, get_task(args.task), cfg, len(use), rate)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
-                                        sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, use))
+                                        sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, len(use)))
         minutes = (time.perf_counter() - t0) / 60
         method.apply_global(model, state)
         acc = accuracy(model, tok, prompts, gold, ids, 16, 128, name)

@@ -7,7 +7,7 @@ import torch
 from edgetune.config import FinetuneParams
 from edgetune.federated.engine import ClientData, run_federation, sample_clients
 from edgetune.federated.methods import build_method
-from edgetune.federated.methods.weights import weighted_mean
+from edgetune.federated.aggregation import weighted_mean
 from edgetune.federated.protocol import Message, to_bytes
 from edgetune.models import load_hf
 from edgetune.scoring import encode

@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -127,13 +126,12 @@ def drop_out(rng: np.random.Generator, sampled: list[int], p: float) -> set[int]
     return {cid for cid, u in zip(sampled, rng.random(len(sampled))) if u < p}
 
 
-def local_update(method, model, down: bytes, data: ClientData, rng: torch.Generator,
-                 corrupt: Callable[[Message, Message], Message] | None = None) -> bytes:
-    """One client's work: decode the broadcast, train, serialize the reply (a malicious
-    client's corrupted first by `corrupt(broadcast, reply)`, see attacks.py)."""
-    msg = from_bytes(down)
-    reply = method.client_update(model, msg, data, rng)
-    return to_bytes(reply if corrupt is None else corrupt(msg, reply))
+def client_reply(method, model, down: Message, data: ClientData, seed: int, round_: int,
+                 client_id: int, attack=None) -> Message:
+    """One client's reply to a broadcast: its local work with its RNG for the round, corrupted
+    first when `attack` (attacks.Attack) makes the client malicious. Every backend's client step."""
+    reply = method.client_update(model, down, data, client_generator(seed, round_, client_id))
+    return reply if attack is None else attack.corrupt(method, round_, client_id, down, reply)
 
 
 def client_failed(attempt: Attempt, round_: int, cid: int, error: str) -> None:
@@ -165,9 +163,8 @@ class LocalClients:
                 attempt.dropped.append(cid)
                 continue
             try:
-                corrupt = None if self.attack is None else partial(self.attack.corrupt, self.method, round_, cid)
-                wire = local_update(self.method, self.model, down, self.data[cid],
-                                    client_generator(self.seed, round_, cid), corrupt)
+                wire = to_bytes(client_reply(self.method, self.model, from_bytes(down), self.data[cid],
+                                             self.seed, round_, cid, self.attack))
             except BadInput:
                 raise
             except Exception as e:

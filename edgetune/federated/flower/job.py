@@ -15,6 +15,8 @@ from pathlib import Path
 
 from edgetune.config import BadInput, FinetuneParams
 
+JOB_ENV = "EDGETUNE_FLOWER_JOB"  # the job's path for a ServerApp in the Simulation Engine
+
 
 @dataclass
 class FlowerJob:

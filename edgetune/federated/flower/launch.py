@@ -126,7 +126,7 @@ def tracking() -> dict:
 
 def read_history(out_dir: Path, cfg: FinetuneParams, num_clients: int) -> tuple[dict, list[RoundLog]]:
     """(summary, history) from the ServerApp's history.json, as the local backend returns them."""
-    from edgetune.federated.train import summarize
+    from edgetune.federated.setup import summarize
 
     path = history_file(out_dir)
     if not path.is_file():

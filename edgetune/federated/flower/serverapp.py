@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from edgetune.federated.flower.job import FlowerJob, history_file
+from edgetune.federated.flower.job import JOB_ENV, FlowerJob, history_file
 
 app = ServerApp()
 
@@ -25,8 +25,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """The job comes from the run config (`flwr run`) or, in the Simulation Engine, the environment."""
-    from edgetune.federated.flower.simulation import JOB_ENV
-
     serve(grid, FlowerJob.read(str(context.run_config.get("job") or os.environ.get(JOB_ENV, ""))))
 
 
@@ -34,7 +32,7 @@ def serve(grid, job: FlowerJob) -> None:
     from edgetune.evaluate import peak_rss_mb
     from edgetune.federated.engine import run_federation
     from edgetune.federated.flower.transport import FlowerClients
-    from edgetune.federated.train import prepare
+    from edgetune.federated.setup import engine_options, prepare
     from edgetune.tasks import get_task
 
     cfg = job.params
@@ -42,10 +40,8 @@ def serve(grid, job: FlowerJob) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     clients = FlowerClients(grid, job, method)
     out = Path(job.out)
-    state, history = run_federation(
-        method, model, clients, num_rounds=cfg.num_rounds, sample_rate=cfg.sample_rate, seed=cfg.seed,
-        checkpoint_dir=out / "checkpoint", on_round=round_logger(job), dropout=cfg.dropout,
-        min_clients=cfg.min_clients, round_retries=cfg.round_retries)
+    state, history = run_federation(method, model, clients, checkpoint_dir=out / "checkpoint",
+                                    on_round=round_logger(job), **engine_options(cfg, clients))
     method.export(model, state, out)
     summary = {"trainable_params": trainable, "peak_rss_mb": peak_rss_mb()}
     if method.privacy:

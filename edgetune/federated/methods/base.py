@@ -24,7 +24,7 @@ class FederatedMethod(ABC):
     name: str = "?"  # name and centralized: set from the method's registry spec (registry.load)
     centralized = False  # True: one client holds all the data (e.g. mezo)
     replays_history = False  # True: a client rebuilds the global model from every broadcast so far
-    privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by train.prepare)
+    privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by setup.prepare)
 
     def __init__(self, cfg: FinetuneParams, tok, objective):
         self.cfg = cfg
