@@ -57,13 +57,13 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-def kill_after_round(proc: subprocess.Popen, folder, round_: int) -> None:
-    """SIGKILL as soon as the resume checkpoint of `round_` (or later) exists."""
+def kill_after_round(proc: subprocess.Popen, folder, round_: int, kill=None) -> None:
+    """SIGKILL (or `kill(proc)`) as soon as the resume checkpoint of `round_` (or later) exists."""
     resume = folder / "out.resume"
     while proc.poll() is None:
         rounds = [int(p.stem.split("-")[1]) for p in resume.glob("round-*.pt")] if resume.is_dir() else []
         if rounds and max(rounds) >= round_:
-            proc.send_signal(signal.SIGKILL)
+            (kill or (lambda p: p.send_signal(signal.SIGKILL)))(proc)
             break
         time.sleep(0.005)
     proc.communicate(timeout=60)

@@ -19,7 +19,7 @@ Byzantine clients (attacks.py) corrupt their reply in step 3, before it is seria
 rules (aggregation.py) act inside each method's aggregate in step 4.
 
 Resume (resume.py): with a ResumeFolder, every round also saves what the next rounds depend
-on, and a run finding a saved round restores it and goes on from the next one, bit-identical
+on (with the pool's own state: Flower's broadcasts kept for catch-up), and a run finding a saved round restores it and goes on from the next one, bit-identical
 to a run never stopped.
 """
 
@@ -175,6 +175,13 @@ class LocalClients:
             attempt.replies.append(from_bytes(wire))
         return attempt
 
+    def checkpoint_state(self) -> dict:
+        """What the pool keeps across rounds (saved for resume): nothing, here."""
+        return {}
+
+    def restore(self, saved: dict) -> None:
+        pass
+
 
 def too_few(round_: int, tries: list[Attempt], min_clients: int) -> TooFewClients:
     last = tries[-1]
@@ -200,15 +207,16 @@ def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -
 
 
 def save_resume(resume, rnd: int, state, rng: np.random.Generator, history: list[RoundLog],
-                method) -> None:
-    """What rounds after `rnd` depend on: global state, RNG streams, history, method state."""
+                method, clients) -> None:
+    """What rounds after `rnd` depend on: global state, RNG streams, history, method and pool state."""
     resume.save(rnd, {"state": state, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                      "history": [asdict(h) for h in history], "method": method.checkpoint_state()})
+                      "history": [asdict(h) for h in history], "method": method.checkpoint_state(),
+                      "clients": clients.checkpoint_state()})
 
 
-def restore(resume, method, model, rng: np.random.Generator):
-    """(round, global state, history) of the last saved round, the RNGs and method restored;
-    None when nothing was saved."""
+def restore(resume, method, model, clients, rng: np.random.Generator):
+    """(round, global state, history) of the last saved round, the RNGs, method and pool
+    restored; None when nothing was saved."""
     saved = resume.load()
     if saved is None:
         return None
@@ -216,6 +224,7 @@ def restore(resume, method, model, rng: np.random.Generator):
     rng.bit_generator.state = saved["rng"]
     torch.set_rng_state(saved["torch_rng"])
     method.restore(model, saved["state"], saved["method"])
+    clients.restore(saved.get("clients", {}))
     LOG.info("resuming after round %d of %s", history[-1].round, resume.folder)
     return history[-1].round, saved["state"], history
 
@@ -239,7 +248,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
     state = method.init_state(model)
     history: list[RoundLog] = []
     start = 1
-    if resume is not None and (saved := restore(resume, method, model, rng)) is not None:
+    if resume is not None and (saved := restore(resume, method, model, clients, rng)) is not None:
         done_rounds, state, history = saved
         start = done_rounds + 1
         if checkpoint_dir is not None:  # the outputs went with the killed attempt
@@ -284,7 +293,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
         )
         history.append(log)
         if resume is not None:
-            save_resume(resume, rnd, state, rng, history, method)
+            save_resume(resume, rnd, state, rng, history, method, clients)
         bar.set_postfix(loss=f"{log.train_loss:.4f}")
         if on_round is not None:
             on_round(log)

@@ -23,7 +23,7 @@ def finetune(base_dir: Path, partitions: Path, task_name: str, cfg: FinetunePara
     if cfg.backend == "flower":
         from edgetune.federated.flower.launch import finetune_on_flower
 
-        return finetune_on_flower(base_dir, partitions, task_name, cfg, out_dir, len(clients))
+        return finetune_on_flower(base_dir, partitions, task_name, cfg, out_dir, len(clients), resume)
     if cfg.spec.centralized:  # e.g. mezo: one client with all the data
         clients, _, cfg = centralize(clients, cfg)
     method, model = prepare(base_dir, task, cfg, len(clients), cfg.sample_rate)

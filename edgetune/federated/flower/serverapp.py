@@ -4,7 +4,9 @@ It reads the job the finetune stage wrote (job.py), builds the method and the se
 as the local engine does, finds the SuperNodes owning the clients, runs every round through
 FlowerClients, saves the global state after each round (out/checkpoint), logs each round's
 metrics to the stage's MLflow run, exports the final model (out/merged) and leaves the round
-logs in <out>.flower/history.json for the stage.
+logs in <out>.flower/history.json for the stage. With the stage's resume folder in the job
+(resume.py), it saves every round there too and, restarted after a crash, goes on from the last
+saved round, as the local backend does.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ def serve(grid, job: FlowerJob) -> None:
     clients = FlowerClients(grid, job, method)
     out = Path(job.out)
     state, history = run_federation(method, model, clients, checkpoint_dir=out / "checkpoint",
-                                    on_round=round_logger(job), **engine_options(cfg, clients))
+                                    on_round=round_logger(job), resume=job.resume_folder(),
+                                    **engine_options(cfg, clients))
     method.export(model, state, out)
     summary = {"trainable_params": trainable, "peak_rss_mb": peak_rss_mb()}
     if method.privacy:
