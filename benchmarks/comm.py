@@ -15,10 +15,6 @@ from __future__ import annotations
 
 import argparse
 
-METHODS = ("fedit", "fedpeptao", "fedprompt", "fedbitfit", "fedselft", "fedfull",
-           "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm")
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model")
@@ -29,7 +25,8 @@ def main(argv=None) -> None:
     import torch
 
     from benchmarks.common import model_dir, save
-    from edgetune.config import ZO_METHODS, load_params
+    from edgetune.config import load_params
+    from edgetune.federated import registry
     from edgetune.federated.engine import ClientData, run_federation
     from edgetune.federated.methods import build_method
     from edgetune.models import load_hf
@@ -42,9 +39,9 @@ def main(argv=None) -> None:
     n = params.partition.num_clients
     clients = [ClientData(i, prompts[i::n], labels[i::n]) for i in range(n)]
     results = {}
-    for name in METHODS:
+    for name in registry.names():
         cfg = params.finetune.model_copy(update={
-            "method": name, "num_rounds": 2, "trainable": "lora" if name in ZO_METHODS else "auto"})
+            "method": name, "num_rounds": 2, "trainable": "lora" if registry.lookup(name).zo else "auto"})
         torch.manual_seed(cfg.seed)
         model, tok = load_hf(path)
         method = build_method(cfg, tok, get_task("sst2"))

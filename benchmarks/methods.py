@@ -61,10 +61,9 @@ def main(argv=None) -> None:
     import pandas as pd
 
     from benchmarks.common import RESULTS, model_dir, save
-    from edgetune.config import ZO_METHODS, FinetuneParams, load_params
+    from edgetune.config import FinetuneParams, load_params
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.methods import get_method
-    from edgetune.federated.train import attack_of, centralize, load_clients, prepare
+    from edgetune.federated.setup import attack_of, centralize, load_clients, prepare
     from edgetune.models import load_hf
     from edgetune.scoring import accuracy, label_token_ids
     from edgetune.tasks import get_task
@@ -94,12 +93,12 @@ def main(argv=None) -> None:
             raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
         cfg = FinetuneParams.model_validate(raw)
         use, rate = clients, cfg.sample_rate
-        if get_method(cfg.method).centralized:  # mezo: the federation's step budget on pooled data
+        if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
         method, model = prepare(path, get_task(args.task), cfg, len(use), rate)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
-                                        sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, use))
+                                        sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, len(use)))
         minutes = (time.perf_counter() - t0) / 60
         method.apply_global(model, state)
         acc = accuracy(model, tok, prompts, gold, ids, 16, 128, name)
@@ -109,7 +108,7 @@ def main(argv=None) -> None:
             "mean_loss_first_quarter": sum(h.train_loss for h in history[:max(1, len(history) // 4)]) / max(1, len(history) // 4),
             "mean_loss_last_quarter": sum(h.train_loss for h in history[-max(1, len(history) // 4):]) / max(1, len(history) // 4),
             "bytes_per_client_round": history[-1].bytes_up_per_client + history[-1].bytes_down_per_client,
-            "method": cfg.method, "lr": cfg.zo.lr if cfg.method in ZO_METHODS else cfg.client_lr,
+            "method": cfg.method, "lr": cfg.zo.lr if cfg.spec.zo else cfg.client_lr,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "overrides": " ".join(s for s in args.set if s.startswith(f"{name}:")),
             **method.round_metrics(state),  # e.g. dp_epsilon spent over the run

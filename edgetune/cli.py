@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +94,8 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`edgetune run` (the Prefect pipeline) and `edgetune check` (validate params.yaml)."""
+    """`edgetune run` (the Prefect pipeline, from the checkout's root wherever it is called in
+    the checkout) and `edgetune check` (validate params.yaml)."""
     p = argparse.ArgumentParser(prog="edgetune", description="edgetune pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run the pipeline (Prefect flow over the DVC stages)")
@@ -107,9 +109,17 @@ def main(argv: list[str] | None = None) -> None:
             load_params(args.params)
             print(f"{args.params}: ok")
             return
-        sys.path.insert(0, str(Path.cwd()))
-        from flows.pipeline import main as run_pipeline
-
-        sys.exit(run_pipeline(["--force"] if args.force else []))
+        flags = ["--force"] if args.force else []
+        sys.exit(subprocess.call([sys.executable, "-m", "flows.pipeline", *flags], cwd=checkout_root()))
 
     run_main(body)
+
+
+def checkout_root(start: Path | None = None) -> Path:
+    """The edgetune checkout holding `start` (default: the working folder): the nearest folder
+    at or above it with dvc.yaml and flows/pipeline.py, where the pipeline runs."""
+    here = (start or Path.cwd()).absolute()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file() and (folder / "flows" / "pipeline.py").is_file():
+            return folder
+    raise BadInput(f"{here}: not inside an edgetune checkout (no dvc.yaml and flows/pipeline.py above it)")

@@ -16,6 +16,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from edgetune.federated import registry
+
 PARAMS_FILE = "params.yaml"
 
 
@@ -166,31 +168,15 @@ class ServerParams(Section):
     eps: float = Field(1e-3, gt=0, description="fedadam adaptivity (tau in Reddi et al.)")
 
 
-# The trainable set each method uses when finetune.trainable is auto; weight-exchanging methods
-# always train their own set, zeroth-order methods may train any of them.
-DEFAULT_TRAINABLE = {"fedit": "lora", "fedpeptao": "prefix", "fedprompt": "prompt",
-                     "fedbitfit": "bitfit", "fedselft": "layers", "fedfull": "full",
-                     "mezo": "full", "job": "full", "fedkseed": "full", "fedkseed-pro": "full",
-                     "fwdllm": "lora"}
-ZO_METHODS = ("mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm")
-CENTRALIZED_METHODS = ("mezo",)  # one client holding all the data: one client per round
-# Client AdamW learning rate when finetune.lr is auto: the smaller the trainable set's leverage
-# per weight, the larger the step (prompt > prefix > BitFit > LoRA > layers / all weights).
-DEFAULT_LR = {"fedit": 1e-3, "fedpeptao": 2e-3, "fedprompt": 1e-2, "fedbitfit": 1e-3,
-              "fedselft": 3e-5, "fedfull": 3e-5}
-Method = Literal["fedit", "fedpeptao", "fedprompt", "fedbitfit", "fedselft", "fedfull",
-                 "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm"]
-
-
 class AggregationParams(Section):
     """How the server folds the clients' replies (Byzantine-robust rules: edgetune/federated/
     aggregation.py). mean = each method's own sample-weighted mean, bit-identical to before."""
 
-    rule: Literal["mean", "median", "trimmed_mean", "krum", "clipped_mean"] = Field(
+    rule: Literal[registry.RULES] = Field(
         "mean", description="mean | median (per coordinate) | trimmed_mean (per coordinate, beta "
         "cut per side) | krum (Blanchard et al. 2017: the replies closest to their n-f-2 neighbours) | "
         "clipped_mean (each update clipped to norm tau, then the weighted mean); seed-scalar "
-        "methods whose clients never share a seed (job, fwdllm, mezo) take mean or clipped_mean")
+        "methods whose clients never share a seed (registry: shares_seeds false) take mean or clipped_mean")
     beta: float = Field(0.1, ge=0, lt=0.5, description="trimmed_mean: share cut on each side")
     tau: float = Field(1.0, gt=0, description="clipped_mean: largest update norm a client keeps "
                        "(weights: of its difference to the global state; seed-scalar: of its scalars)")
@@ -241,9 +227,6 @@ class PrivacyParams(Section):
         return self.noise_multiplier > 0
 
 
-ROBUST_SEEDLESS = ("mean", "clipped_mean")  # the rules for methods whose clients share no seed
-
-
 class FlowerParams(Section):
     """finetune.backend: flower (edgetune/federated/flower/): the same methods as a Flower
     ServerApp / ClientApp, on a SuperLink with SuperNodes, or Flower's Simulation Engine."""
@@ -266,9 +249,9 @@ class FlowerParams(Section):
 
 
 class FinetuneParams(Section):
-    method: Method = Field(
-        "fedit", description="federated method (registry name); mezo = one centralized client")
-    trainable: Literal["auto", "full", "lora", "prefix", "prompt", "bitfit"] = Field(
+    method: str = Field(
+        "fedit", description="federated method (edgetune/federated/registry.py); mezo = one centralized client")
+    trainable: Literal[("auto", *registry.TRAINABLE_SETS)] = Field(
         "auto", description="what a zeroth-order method trains; auto = the method's own set")
     num_rounds: int = Field(8, ge=1, description="federated rounds")
     sample_rate: float = Field(0.5, gt=0, le=1, description="share of clients sampled per round")
@@ -276,7 +259,7 @@ class FinetuneParams(Section):
     batch_size: int = Field(8, ge=1, description="examples per local step")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="client AdamW learning rate (weight-exchanging methods); auto = the "
-        "method's own (DEFAULT_LR); zeroth-order methods use zo.lr")
+        "method's own (its registry lr); zeroth-order methods use zo.lr")
     weight_decay: float = Field(0.0, ge=0, description="client AdamW weight decay")
     max_length: int = Field(64, ge=8, description="prompt tokens kept (truncated from the left)")
     lora: LoraParams = LoraParams()
@@ -303,23 +286,30 @@ class FinetuneParams(Section):
         "ServerApp and ClientApps (finetune.flower)")
     flower: FlowerParams = FlowerParams()
 
+    @field_validator("method")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        registry.lookup(v)
+        return v
+
+    @property
+    def spec(self) -> registry.MethodSpec:
+        return registry.lookup(self.method)
+
     @model_validator(mode="after")
-    def _trainable_fits_method(self):
-        own = DEFAULT_TRAINABLE[self.method]
-        if self.method not in ZO_METHODS and self.trainable not in ("auto", own):
-            raise ValueError(f"finetune.trainable: {self.method} trains {own}; use auto")
-        if self.method == "fwdllm" and self.trainable == "full":
-            raise ValueError("finetune.trainable: fwdllm trains PEFT weights (lora, prefix, prompt, "
-                             "bitfit); use one of those or auto")
-        rule = self.aggregation.rule
-        if self.method in ("job", "fwdllm", "mezo") and rule not in ROBUST_SEEDLESS:
+    def _fits_method(self):
+        spec, rule = self.spec, self.aggregation.rule
+        if self.trainable not in ("auto", *spec.allowed_trainables):
+            raise ValueError(trainable_error(spec))
+        if rule not in spec.rules:
             raise ValueError(f"finetune.aggregation.rule: {rule} compares clients seed by seed, but "
-                             f"{self.method}'s clients never share a seed; use one of {list(ROBUST_SEEDLESS)}")
-        if self.dp.enabled and self.method in ("job", "fwdllm", "mezo"):
+                             f"{self.method}'s clients never share a seed; use one of {list(spec.rules)}")
+        if self.dp.enabled and not spec.shares_seeds:
             raise ValueError(f"finetune.dp: {self.method}'s clients never share a seed, so there is no "
                              "sum over clients to add noise to; use fedkseed or a weight-exchanging method")
-        if self.backend == "flower" and self.method in CENTRALIZED_METHODS:
-            raise ValueError(f"finetune.backend: {self.method} runs one centralized client; use backend local")
+        if self.backend == "flower" and not spec.flower:
+            why = "runs one centralized client" if spec.centralized else "does not run on Flower"
+            raise ValueError(f"finetune.backend: {self.method} {why}; use backend local")
         if self.backend == "flower" and self.attack.kind == "replayed_seeds":
             raise ValueError("finetune.attack.kind: replayed_seeds keeps each attacker's last reply in "
                              "memory, which a Flower ClientApp process does not have; use backend local")
@@ -330,17 +320,25 @@ class FinetuneParams(Section):
 
     @property
     def trainable_set(self) -> str:
-        return DEFAULT_TRAINABLE[self.method] if self.trainable == "auto" else self.trainable
+        return self.spec.trainable if self.trainable == "auto" else self.trainable
 
     @property
     def client_lr(self) -> float:
-        return DEFAULT_LR.get(self.method, 1e-3) if self.lr == "auto" else self.lr
+        if self.lr != "auto":
+            return self.lr
+        return 1e-3 if self.spec.lr is None else self.spec.lr  # zeroth order: unused (zo.lr)
 
     @property
     def server_optimizer(self) -> str:
-        if self.server.optimizer != "auto":
-            return self.server.optimizer
-        return "fedavgm" if self.method == "fedpeptao" else "fedavg"
+        return self.spec.server_optimizer if self.server.optimizer == "auto" else self.server.optimizer
+
+
+def trainable_error(spec: registry.MethodSpec) -> str:
+    """finetune.trainable names a set `spec`'s method does not train."""
+    sets = spec.allowed_trainables
+    if len(sets) == 1:
+        return f"finetune.trainable: {spec.name} trains {sets[0]}; use auto"
+    return f"finetune.trainable: {spec.name} trains {', '.join(sets)}; use one of those or auto"
 
 
 # --------------------------------------------------------------------------- compress
@@ -500,7 +498,7 @@ class Params(Section):
     @model_validator(mode="after")
     def _min_clients_fit_a_round(self):
         ft, n = self.finetune, self.partition.num_clients
-        if ft.method in CENTRALIZED_METHODS:
+        if ft.spec.centralized:
             k, why = 1, f"{ft.method} runs one centralized client"
         else:
             k = clients_per_round(n, ft.sample_rate)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-ZO_METHODS = {"mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm"}
+from edgetune.federated import registry
 COLUMNS = {  # short name -> MLflow column of the pipeline run
     "label": "tags.edgetune.cell",
     "method": "tags.edgetune.method",
@@ -56,10 +56,11 @@ def pipeline_runs(experiment: str, grid: str | None = None, tracking_uri: str | 
 def table_one(runs: pd.DataFrame) -> pd.DataFrame:
     """Memory and communication per method label (the first task each label ran on)."""
     rows = runs.sort_values("task").drop_duplicates("label")
+    zo = set(registry.zo_methods())
     out = pd.DataFrame({
         "method": rows["label"],
-        "exchanges": rows["method"].map(lambda m: "seeds + scalars" if m in ZO_METHODS else "weights"),
-        "optimizer": rows["method"].map(lambda m: "ZO-SGD (forward only)" if m in ZO_METHODS else "AdamW (backprop)"),
+        "exchanges": rows["method"].map(lambda m: "seeds + scalars" if m in zo else "weights"),
+        "optimizer": rows["method"].map(lambda m: "ZO-SGD (forward only)" if m in zo else "AdamW (backprop)"),
         "trainable params": rows["trainable_params"],
         "bytes / client / round": rows["bytes_per_client_round"],
         "peak fine-tuning RSS (MB)": rows["peak_rss_mb_finetune"],

@@ -57,7 +57,7 @@ def build_flow():
     @flow(name="edgetune-federation")
     def federation(params_file: str, model: str, partitions: str, out: str, superlink: str | None,
                    simulation: bool) -> dict:
-        from edgetune.federated.train import load_clients
+        from edgetune.federated.setup import load_clients
         from edgetune.tasks import get_task
 
         with stage("federation", params_file, [model, partitions], [out], section="finetune") as (params, _):

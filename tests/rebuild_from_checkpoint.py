@@ -6,13 +6,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
 from edgetune.config import FinetuneParams
-from edgetune.federated.methods import build_method
 from edgetune.federated.protocol import from_bytes
-from edgetune.models import load_hf
-from edgetune.tasks import get_task
+from tests.helpers import build
 
 
 def weights_hash(params) -> str:
@@ -25,9 +21,6 @@ def weights_hash(params) -> str:
 if __name__ == "__main__":
     model_dir, cfg_json, checkpoint = sys.argv[1:4]
     cfg = FinetuneParams.model_validate(json.loads(cfg_json))
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(model_dir)
-    method = build_method(cfg, tok, get_task("sst2"))
-    model = method.prepare_model(model)
+    method, model = build(model_dir, cfg)
     method.rebuild(model, from_bytes(Path(checkpoint).read_bytes()).tensors)
     print(weights_hash(method.params))

@@ -16,30 +16,23 @@ import torch
 import yaml
 
 from edgetune.cli import run_main
-from edgetune.config import CENTRALIZED_METHODS, FinetuneParams, ParamsError, parse_params
-from edgetune.federated.engine import TooFewClients, drop_out, round_generator, run_federation, sample_clients
-from edgetune.federated.methods import METHODS, build_method
-from edgetune.models import load_hf
-from edgetune.tasks import get_task
+from edgetune.config import FinetuneParams, ParamsError, parse_params
+from edgetune.federated import registry
+from edgetune.federated.engine import TooFewClients, drop_out, round_generator, sample_clients
+from edgetune.federated.methods import get_method
 from tests.conftest import REPO
-from tests.test_fedit import make_clients
+from tests.helpers import build, federate, make_clients
 
 
-def build(tiny_model_dir, name="fedit"):
-    cfg = FinetuneParams(method=name, local_steps=2, batch_size=4, lr=5e-3, zo={"K": 64, "lr": 1e-4},
-                         selft={"strategy": "random", "layers": 1})
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    method = build_method(cfg, tok, get_task("sst2"))
-    return method, method.prepare_model(model)
+def params(name="fedit", rounds=2, sample_rate=1.0) -> FinetuneParams:
+    return FinetuneParams(method=name, num_rounds=rounds, sample_rate=sample_rate, local_steps=2, batch_size=4,
+                          lr=5e-3, zo={"K": 64, "lr": 1e-4}, selft={"strategy": "random", "layers": 1})
 
 
 def run(tiny_model_dir, clients, name="fedit", rounds=2, sample_rate=1.0, patch=None, **faults):
-    method, model = build(tiny_model_dir, name)
-    if patch is not None:
-        patch(method)
-    return run_federation(method, model, clients, num_rounds=rounds, sample_rate=sample_rate,
-                          seed=0, **faults)
+    cfg = params(name, rounds, sample_rate)
+    _, _, state, history = federate(tiny_model_dir, clients, cfg, patch=patch, **faults)
+    return state, history
 
 
 def same_state(a, b) -> bool:
@@ -144,7 +137,7 @@ def test_a_failing_client_is_dropped_and_the_round_aggregates_the_others(tiny_mo
     last = history[-1]
     assert last.bytes_exchanged == 3 * last.bytes_down_per_client + 2 * last.bytes_up_per_client
     assert last.metrics()["clients_dropped"] == 1 and last.metrics()["clients_aggregated"] == 2
-    initial, _ = build(tiny_model_dir)
+    initial, _ = build(tiny_model_dir, params())
     assert not same_state(state, initial.init_state(None))
 
 
@@ -196,7 +189,7 @@ def test_min_clients_above_a_round_is_a_params_error():
     for key, value in [("dropout", 1.0), ("dropout", -0.1), ("min_clients", 0), ("round_retries", -1)]:
         with pytest.raises(ParamsError, match=f"finetune.{key}"):
             parse_params({"finetune": {key: value}})
-    assert {n for n, cls in METHODS.items() if cls.centralized} == set(CENTRALIZED_METHODS)
+    assert {n for n in registry.names() if get_method(n).centralized} == {"mezo"}
 
 
 def test_finetune_stage_exits_2_on_impossible_min_clients(tmp_path):

@@ -5,31 +5,19 @@ from __future__ import annotations
 import torch
 
 from edgetune.config import FinetuneParams
-from edgetune.federated.engine import ClientData, run_federation, sample_clients
-from edgetune.federated.methods import build_method
-from edgetune.federated.methods.weights import weighted_mean
+from edgetune.federated.engine import sample_clients
+from edgetune.federated.aggregation import weighted_mean
 from edgetune.federated.protocol import Message, to_bytes
 from edgetune.models import load_hf
 from edgetune.scoring import encode
-from edgetune.tasks import get_task
-
-
-def make_clients(sst2_prompts, n=4, size=24):
-    prompts, labels = sst2_prompts
-    return [ClientData(i, prompts[i * size:(i + 1) * size], labels[i * size:(i + 1) * size])
-            for i in range(n)]
+from tests.helpers import federate, make_clients
 
 
 def run(tiny_model_dir, clients, rounds=3, tmp=None, **overrides):
     cfg = FinetuneParams(num_rounds=rounds, sample_rate=0.5, local_steps=3, batch_size=8,
                          lr=5e-3, **overrides)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    method = build_method(cfg, tok, get_task("sst2"))
-    model = method.prepare_model(model)
-    state, history = run_federation(method, model, clients, num_rounds=cfg.num_rounds,
-                                    sample_rate=cfg.sample_rate, seed=cfg.seed, checkpoint_dir=tmp)
-    return method, model, tok, state, history
+    method, model, state, history = federate(tiny_model_dir, clients, cfg, checkpoint_dir=tmp)
+    return method, model, method.tok, state, history
 
 
 def test_weighted_mean_is_fedavg():

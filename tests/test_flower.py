@@ -122,3 +122,49 @@ def test_simulation_engine_matches_the_local_backend(tiny_model_dir, partitions,
     assert same(local_state, sim_state)
     assert [(h.clients, h.train_loss) for h in local] == [(h.clients, h.train_loss) for h in sim]
     assert summary["backend"] == "flower-simulation"
+
+
+def kill_federation(proc: subprocess.Popen) -> None:
+    """SIGKILL the stage and every process of its federation (SuperLink with the ServerApp,
+    SuperNodes with their ClientApps: each its own process group), by pid."""
+    import signal
+
+    import psutil
+
+    family = psutil.Process(proc.pid).children(recursive=True)
+    for p in family:
+        try:
+            if os.getpgid(p.pid) == p.pid:
+                os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.kill()
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+@pytest.mark.parametrize("method", ["fedit", "fedkseed"])
+def test_a_killed_federation_resumes_bit_identically(tiny_model_dir, partitions, tmp_path, method):
+    """kill -9 of the whole federation after a round, then the stage again: it goes on from the
+    ServerApp's last saved round and ends as the local backend (= an uninterrupted Flower run)."""
+    from tests.test_resume import kill_after_round, start
+
+    raw = finetune_params(method, rounds=3)
+    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
+    folder = tmp_path / "cut"
+    folder.mkdir()
+    params = {"partition": {"num_clients": NUM_CLIENTS}, "tracking": {"experiment": "resume"},
+              "finetune": {**raw, "backend": "flower"}}
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    workspace = (tmp_path, tiny_model_dir, partitions)
+    kill_after_round(start(workspace, folder), folder, 1, kill_federation)
+    second = start(workspace, folder)
+    _, err = second.communicate(timeout=600)
+    assert second.returncode == 0, err[-3000:]
+    assert same(local_state, load_file(folder / "out" / "checkpoint" / "global.safetensors"))
+    record = json.loads((folder / "out.flower" / "history.json").read_text())
+    assert [(h.clients, h.train_loss) for h in local] == [(h["clients"], h["train_loss"]) for h in record["history"]]
+    assert not (folder / "out.resume").exists()

@@ -8,10 +8,10 @@ import torch
 
 from edgetune.config import EvaluateParams, FinetuneParams
 from edgetune.evaluate import evaluate_model
-from edgetune.federated.engine import ClientData, run_federation
-from edgetune.federated.methods import build_method
-from edgetune.models import load_hf
+from edgetune.federated.engine import ClientData
 from edgetune.tasks import get_task
+from tests import helpers
+from tests.helpers import make_clients
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +24,7 @@ def squad_clients(mirror):
 def federate(tiny_model_dir, clients, method, rounds, **overrides):
     cfg = FinetuneParams(method=method, num_rounds=rounds, sample_rate=1.0, local_steps=3,
                          batch_size=4, max_length=256, **overrides)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    m = build_method(cfg, tok, get_task("squad"), model)
-    model = m.prepare_model(model)
-    state, history = run_federation(m, model, clients, num_rounds=rounds, sample_rate=1.0, seed=cfg.seed)
-    return m, model, state, history
+    return helpers.federate(tiny_model_dir, clients, cfg, "squad")
 
 
 def pooled_answer_loss(method, model, clients) -> float:
@@ -50,14 +45,9 @@ def test_fedit_on_squad_lowers_the_answer_loss(tiny_model_dir, squad_clients):
 
 def test_fedkseed_on_squad_sends_the_same_bytes_as_on_classification(tiny_model_dir, squad_clients, sst2_prompts):
     _, _, _, squad = federate(tiny_model_dir, squad_clients, "fedkseed", rounds=1, trainable="lora")
-    prompts, labels = sst2_prompts
-    sst2 = [ClientData(i, prompts[i * 24:(i + 1) * 24], labels[i * 24:(i + 1) * 24]) for i in range(2)]
     cfg = FinetuneParams(method="fedkseed", num_rounds=1, sample_rate=1.0, local_steps=3, batch_size=4,
                          trainable="lora")
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    m = build_method(cfg, tok, get_task("sst2"), model)
-    _, history = run_federation(m, m.prepare_model(model), sst2, num_rounds=1, sample_rate=1.0, seed=0)
+    *_, history = helpers.federate(tiny_model_dir, make_clients(sst2_prompts, n=2), cfg)
     assert squad[0].bytes_up_per_client == history[0].bytes_up_per_client < 1000
     assert torch.isfinite(torch.tensor(squad[0].train_loss))
 

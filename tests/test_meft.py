@@ -11,27 +11,20 @@ import pytest
 import torch
 
 from edgetune.config import FinetuneParams
-from edgetune.federated.engine import run_federation
-from edgetune.federated.methods import build_method
 from edgetune.federated.methods.job import job_seed
 from edgetune.models import load_hf
 from edgetune.objectives import LabelWords
 from edgetune.tasks import get_task
 from tests.conftest import REPO
 from tests.rebuild_from_checkpoint import weights_hash
-from tests.test_fedit import make_clients
+from tests.helpers import federate, make_clients
 
 
 def run(tiny_model_dir, clients, method_name, rounds=2, tmp=None, **overrides):
     cfg = FinetuneParams(method=method_name, num_rounds=rounds, sample_rate=0.5, local_steps=3,
                          batch_size=8, **overrides)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    method = build_method(cfg, tok, get_task("sst2"))
-    model = method.prepare_model(model)
-    state, history = run_federation(method, model, clients, num_rounds=rounds,
-                                    sample_rate=cfg.sample_rate, seed=cfg.seed, checkpoint_dir=tmp)
-    return cfg, method, model, tok, state, history
+    method, model, state, history = federate(tiny_model_dir, clients, cfg, checkpoint_dir=tmp)
+    return cfg, method, model, method.tok, state, history
 
 
 @pytest.mark.parametrize("name, trainable, samples", [

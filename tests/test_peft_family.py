@@ -8,32 +8,30 @@ import pytest
 import torch
 
 from edgetune.config import FinetuneParams, ServerParams
-from edgetune.federated.engine import run_federation
-from edgetune.federated.methods import build_method
 from edgetune.federated.methods.fedselft import rank_layers
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
 from edgetune.federated.server_opt import ServerOptimizer
 from edgetune.federated.trainable import layer_of
 from edgetune.models import load_hf
 from edgetune.scoring import encode
-from edgetune.tasks import get_task
-from tests.test_fedit import make_clients
+from tests import helpers
+from tests.helpers import make_clients
+
+
+def params(method, **overrides) -> FinetuneParams:
+    return FinetuneParams(**{"method": method, "num_rounds": 3, "sample_rate": 0.5, "local_steps": 3,
+                             "batch_size": 8, "lr": 5e-3, **overrides})
 
 
 def build(tiny_model_dir, method, **overrides):
-    cfg = FinetuneParams(**{"method": method, "num_rounds": 3, "sample_rate": 0.5, "local_steps": 3,
-                            "batch_size": 8, "lr": 5e-3, **overrides})
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    m = build_method(cfg, tok, get_task("sst2"))
-    return m, m.prepare_model(model), tok, cfg
+    cfg = params(method, **overrides)
+    m, model = helpers.build(tiny_model_dir, cfg)
+    return m, model, m.tok, cfg
 
 
 def run(tiny_model_dir, clients, method, rounds=3, **overrides):
-    m, model, tok, cfg = build(tiny_model_dir, method, **overrides)
-    state, history = run_federation(m, model, clients, num_rounds=rounds, sample_rate=cfg.sample_rate,
-                                    seed=cfg.seed)
-    return m, model, tok, state, history
+    m, model, state, history = helpers.federate(tiny_model_dir, clients, params(method, num_rounds=rounds, **overrides))
+    return m, model, m.tok, state, history
 
 
 def pooled_loss(method, model, tok, clients) -> float:

@@ -7,12 +7,8 @@ import pytest
 import torch
 
 from edgetune.config import FinetuneParams, ParamsError, PrivacyParams, parse_params
-from edgetune.federated.engine import run_federation
-from edgetune.federated.methods import build_method
 from edgetune.federated.privacy import GaussianMechanism, epsilon
-from edgetune.models import load_hf
-from edgetune.tasks import get_task
-from tests.test_fedit import make_clients
+from tests.helpers import federate, make_clients
 
 
 def mechanism(noise=0.0, clip=1.0, m=4, n=8):
@@ -53,15 +49,9 @@ def test_epsilon_grows_with_rounds_and_shrinks_with_noise():
 
 # --------------------------------------------------------------------------- tiny runs
 def run(tiny_model_dir, clients, name, **dp):
-    cfg = FinetuneParams(method=name, num_rounds=2, local_steps=2, batch_size=4, lr=5e-3,
+    cfg = FinetuneParams(method=name, num_rounds=2, sample_rate=1.0, local_steps=2, batch_size=4, lr=5e-3,
                          zo={"K": 8, "lr": 1e-4}, dp=dp)
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    method = build_method(cfg, tok, get_task("sst2"))
-    model = method.prepare_model(model)
-    if cfg.dp.enabled:
-        method.privacy = GaussianMechanism(cfg.dp, cfg.seed, len(clients), len(clients))
-    return run_federation(method, model, clients, num_rounds=cfg.num_rounds, sample_rate=1.0, seed=0)
+    return federate(tiny_model_dir, clients, cfg)[2:]  # with DP: every client in each round
 
 
 @pytest.mark.parametrize("name", ["fedit", "fedkseed"])

@@ -14,8 +14,9 @@ import pytest
 import yaml
 
 from edgetune.federated.resume import ResumeFolder
+from tests import helpers
 from tests.conftest import REPO
-from tests.test_fedit import make_clients
+from tests.helpers import make_clients
 
 ROUNDS = 4
 
@@ -56,13 +57,13 @@ def finish(proc: subprocess.Popen) -> None:
     assert proc.returncode == 0, err[-3000:]
 
 
-def kill_after_round(proc: subprocess.Popen, folder, round_: int) -> None:
-    """SIGKILL as soon as the resume checkpoint of `round_` (or later) exists."""
+def kill_after_round(proc: subprocess.Popen, folder, round_: int, kill=None) -> None:
+    """SIGKILL (or `kill(proc)`) as soon as the resume checkpoint of `round_` (or later) exists."""
     resume = folder / "out.resume"
     while proc.poll() is None:
         rounds = [int(p.stem.split("-")[1]) for p in resume.glob("round-*.pt")] if resume.is_dir() else []
         if rounds and max(rounds) >= round_:
-            proc.send_signal(signal.SIGKILL)
+            (kill or (lambda p: p.send_signal(signal.SIGKILL)))(proc)
             break
         time.sleep(0.005)
     proc.communicate(timeout=60)
@@ -143,19 +144,11 @@ class Crash(Exception):
 def federate(tiny_model_dir, clients, cfg, resume=None, crash_after=None):
     """A fresh model and method (as a new process would have), run through the engine; raises
     Crash right after round `crash_after` is saved."""
-    from edgetune.federated.engine import run_federation
-    from edgetune.federated.train import attack_of, prepare
-    from edgetune.tasks import get_task
-
-    method, model = prepare(tiny_model_dir, get_task("sst2"), cfg, len(clients), cfg.sample_rate)
-
     def on_round(log):
         if log.round == crash_after:
             raise Crash
 
-    state, _ = run_federation(method, model, clients, num_rounds=cfg.num_rounds, sample_rate=cfg.sample_rate,
-                              seed=cfg.seed, resume=resume, on_round=on_round, dropout=cfg.dropout,
-                              attack=attack_of(cfg, clients))
+    method, model, state, _ = helpers.federate(tiny_model_dir, clients, cfg, resume=resume, on_round=on_round)
     method.apply_global(model, state)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, state
 

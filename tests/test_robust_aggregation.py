@@ -10,12 +10,8 @@ import torch
 from edgetune.config import AggregationParams, FinetuneParams, ParamsError, parse_params
 from edgetune.federated.aggregation import robust_blocks, robust_scalars
 from edgetune.federated.attacks import Attack, malicious_clients
-from edgetune.federated.engine import run_federation
-from edgetune.federated.methods import build_method
 from edgetune.federated.protocol import Message
-from edgetune.models import load_hf
-from edgetune.tasks import get_task
-from tests.test_fedit import make_clients
+from tests.helpers import federate, make_clients
 
 
 def replies(*rows, n=10):
@@ -113,16 +109,9 @@ def test_attacks_corrupt_the_update():
 
 # --------------------------------------------------------------------------- tiny runs
 def run(tiny_model_dir, clients, name="fedit", rounds=2, attack=None, K=16, **aggregation):
-    cfg = FinetuneParams(method=name, local_steps=2, batch_size=4, lr=5e-3, zo={"K": K, "lr": 1e-4},
-                         aggregation=aggregation, attack=attack or {})
-    torch.manual_seed(cfg.seed)
-    model, tok = load_hf(tiny_model_dir)
-    method = build_method(cfg, tok, get_task("sst2"))
-    model = method.prepare_model(model)
-    att = Attack(cfg.attack, len(clients), cfg.seed) if cfg.attack.kind != "none" else None
-    state, history = run_federation(method, model, clients, num_rounds=rounds, sample_rate=1.0, seed=0,
-                                    attack=att)
-    return state, history
+    cfg = FinetuneParams(method=name, num_rounds=rounds, sample_rate=1.0, local_steps=2, batch_size=4,
+                         lr=5e-3, zo={"K": K, "lr": 1e-4}, aggregation=aggregation, attack=attack or {})
+    return federate(tiny_model_dir, clients, cfg)[2:]  # finetune.attack's attackers included
 
 
 def same_state(a, b) -> bool:

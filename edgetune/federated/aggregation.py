@@ -1,6 +1,7 @@
 """Byzantine-robust aggregation of the clients' replies (finetune.aggregation).
 
-    mean          each method's own sample-weighted mean (FedAvg); never routed through here
+    mean          the sample-weighted mean (FedAvg): `mean_per_key` for weight blocks,
+                  seed-scalar methods fold their own scalars
     median        per coordinate median over clients                (flwr aggregate_median)
     trimmed_mean  per coordinate mean after cutting beta per side   (flwr aggregate_trimmed_avg)
     krum          the krum_keep replies with the least summed squared distance to their n-f-2
@@ -45,6 +46,27 @@ def clip(update: torch.Tensor | list[torch.Tensor], tau: float) -> float:
     return min(1.0, tau / norm) if norm > 0 else 1.0
 
 
+def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """FedAvg: the sample-weighted mean of each tensor, via Flower's aggregate()."""
+    from flwr.server.strategy.aggregate import aggregate
+
+    keys = list(states[0])
+    arrays = [([s[k].float().numpy() for k in keys], int(w)) for s, w in zip(states, weights)]
+    averaged = aggregate(arrays)
+    return {k: torch.from_numpy(a).to(states[0][k].dtype) for k, a in zip(keys, averaged)}
+
+
+def mean_per_key(replies: list[Message]) -> dict[str, torch.Tensor]:
+    """Per block, the sample-weighted mean over the clients that sent it."""
+    keys = sorted({k for r in replies for k in r.tensors})
+    out = {}
+    for key in keys:
+        senders = [r for r in replies if key in r.tensors]
+        out.update(weighted_mean([{key: r.tensors[key]} for r in senders],
+                                 [r.meta["num_samples"] for r in senders]))
+    return out
+
+
 def robust_arrays(cfg: AggregationParams, results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
     """Fold clients' (arrays, num_samples) by a robust rule other than clipped_mean."""
     from flwr.server.strategy import aggregate as fl
@@ -60,10 +82,8 @@ def robust_arrays(cfg: AggregationParams, results: list[tuple[list[np.ndarray], 
 
 def robust_blocks(cfg: AggregationParams, state: dict[str, torch.Tensor],
                   replies: list[Message]) -> dict[str, torch.Tensor]:
-    """The robust counterpart of weights.mean_per_key: per block, the next value from the
-    clients' values (`state` holds the current global blocks)."""
-    from edgetune.federated.methods.weights import mean_per_key
-
+    """The robust counterpart of mean_per_key: per block, the next value from the clients'
+    values (`state` holds the current global blocks)."""
     if cfg.rule == "clipped_mean":
         clipped = []
         for r in replies:

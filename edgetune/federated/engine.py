@@ -19,7 +19,7 @@ Byzantine clients (attacks.py) corrupt their reply in step 3, before it is seria
 rules (aggregation.py) act inside each method's aggregate in step 4.
 
 Resume (resume.py): with a ResumeFolder, every round also saves what the next rounds depend
-on, and a run finding a saved round restores it and goes on from the next one, bit-identical
+on (with the pool's own state: Flower's broadcasts kept for catch-up), and a run finding a saved round restores it and goes on from the next one, bit-identical
 to a run never stopped.
 """
 
@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -127,13 +126,12 @@ def drop_out(rng: np.random.Generator, sampled: list[int], p: float) -> set[int]
     return {cid for cid, u in zip(sampled, rng.random(len(sampled))) if u < p}
 
 
-def local_update(method, model, down: bytes, data: ClientData, rng: torch.Generator,
-                 corrupt: Callable[[Message, Message], Message] | None = None) -> bytes:
-    """One client's work: decode the broadcast, train, serialize the reply (a malicious
-    client's corrupted first by `corrupt(broadcast, reply)`, see attacks.py)."""
-    msg = from_bytes(down)
-    reply = method.client_update(model, msg, data, rng)
-    return to_bytes(reply if corrupt is None else corrupt(msg, reply))
+def client_reply(method, model, down: Message, data: ClientData, seed: int, round_: int,
+                 client_id: int, attack=None) -> Message:
+    """One client's reply to a broadcast: its local work with its RNG for the round, corrupted
+    first when `attack` (attacks.Attack) makes the client malicious. Every backend's client step."""
+    reply = method.client_update(model, down, data, client_generator(seed, round_, client_id))
+    return reply if attack is None else attack.corrupt(method, round_, client_id, down, reply)
 
 
 def client_failed(attempt: Attempt, round_: int, cid: int, error: str) -> None:
@@ -165,9 +163,8 @@ class LocalClients:
                 attempt.dropped.append(cid)
                 continue
             try:
-                corrupt = None if self.attack is None else partial(self.attack.corrupt, self.method, round_, cid)
-                wire = local_update(self.method, self.model, down, self.data[cid],
-                                    client_generator(self.seed, round_, cid), corrupt)
+                wire = to_bytes(client_reply(self.method, self.model, from_bytes(down), self.data[cid],
+                                             self.seed, round_, cid, self.attack))
             except BadInput:
                 raise
             except Exception as e:
@@ -177,6 +174,13 @@ class LocalClients:
             attempt.up_sizes.append(len(wire))
             attempt.replies.append(from_bytes(wire))
         return attempt
+
+    def checkpoint_state(self) -> dict:
+        """What the pool keeps across rounds (saved for resume): nothing, here."""
+        return {}
+
+    def restore(self, saved: dict) -> None:
+        pass
 
 
 def too_few(round_: int, tries: list[Attempt], min_clients: int) -> TooFewClients:
@@ -203,15 +207,16 @@ def save_checkpoint(state: dict[str, torch.Tensor], round_: int, folder: Path) -
 
 
 def save_resume(resume, rnd: int, state, rng: np.random.Generator, history: list[RoundLog],
-                method) -> None:
-    """What rounds after `rnd` depend on: global state, RNG streams, history, method state."""
+                method, clients) -> None:
+    """What rounds after `rnd` depend on: global state, RNG streams, history, method and pool state."""
     resume.save(rnd, {"state": state, "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(),
-                      "history": [asdict(h) for h in history], "method": method.checkpoint_state()})
+                      "history": [asdict(h) for h in history], "method": method.checkpoint_state(),
+                      "clients": clients.checkpoint_state()})
 
 
-def restore(resume, method, model, rng: np.random.Generator):
-    """(round, global state, history) of the last saved round, the RNGs and method restored;
-    None when nothing was saved."""
+def restore(resume, method, model, clients, rng: np.random.Generator):
+    """(round, global state, history) of the last saved round, the RNGs, method and pool
+    restored; None when nothing was saved."""
     saved = resume.load()
     if saved is None:
         return None
@@ -219,6 +224,7 @@ def restore(resume, method, model, rng: np.random.Generator):
     rng.bit_generator.state = saved["rng"]
     torch.set_rng_state(saved["torch_rng"])
     method.restore(model, saved["state"], saved["method"])
+    clients.restore(saved.get("clients", {}))
     LOG.info("resuming after round %d of %s", history[-1].round, resume.folder)
     return history[-1].round, saved["state"], history
 
@@ -242,7 +248,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
     state = method.init_state(model)
     history: list[RoundLog] = []
     start = 1
-    if resume is not None and (saved := restore(resume, method, model, rng)) is not None:
+    if resume is not None and (saved := restore(resume, method, model, clients, rng)) is not None:
         done_rounds, state, history = saved
         start = done_rounds + 1
         if checkpoint_dir is not None:  # the outputs went with the killed attempt
@@ -287,7 +293,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
         )
         history.append(log)
         if resume is not None:
-            save_resume(resume, rnd, state, rng, history, method)
+            save_resume(resume, rnd, state, rng, history, method, clients)
         bar.set_postfix(loss=f"{log.train_loss:.4f}")
         if on_round is not None:
             on_round(log)

@@ -36,7 +36,7 @@ def fingerprint(params: dict, inputs: list[Path]) -> str:
 
 class ResumeFolder:
     def __init__(self, folder: Path, fingerprint: str):
-        self.folder = Path(folder)
+        self.folder, self.fingerprint = Path(folder), fingerprint
         stamp, run = self.folder / "fingerprint", self.folder / "run_id"
         self.previous_run = run.read_text() if run.is_file() else None  # kept even if wiped
         if self.folder.exists() and (not stamp.is_file() or stamp.read_text() != fingerprint):

@@ -9,11 +9,12 @@ A SuperNode's node config names what the device holds:
 In the Simulation Engine a virtual node has no such config: its client id is its partition-id
 and the folders come with the message (simulation.py).
 
-Per message the ClientApp builds the method exactly as the local engine does (train.prepare:
+Per message the ClientApp builds the method exactly as the local engine does (setup.prepare:
 same seeded adapters), loads the client's partition, brings a seed-scalar model up to date by
 replaying the broadcasts this node kept in its context state plus the ones the server sent to
-catch up, and runs the method's client_update with the client's RNG for the round (derived
-from seed, round and client alone). So the reply is bit for bit the local engine's. A worker
+catch up, and runs the engine's client step (engine.client_reply: the method's client_update
+with the client's RNG for the round, from seed, round and client alone, then finetune.attack's
+corruption if the client is malicious). So the reply is bit for bit the local engine's. A worker
 (method + model) is cached per process: Flower's deployment starts a process per message, the
 Simulation Engine reuses its actors.
 """
@@ -30,9 +31,9 @@ from flwr.clientapp import ClientApp
 
 from edgetune.config import BadInput, FinetuneParams
 from edgetune.evaluate import peak_rss_mb
+from edgetune.federated.engine import client_reply
 from edgetune.federated.flower.records import from_records, put, take, to_records, versions
 from edgetune.federated.flower.transport import HISTORY, JOB, NODE
-from edgetune.federated.protocol import Message
 
 app = ClientApp()
 KEPT = "broadcast"  # context.state: broadcast/<round>/{tensors,meta}, every broadcast this node saw
@@ -59,22 +60,10 @@ def train(msg: FlowerMessage, context: Context) -> FlowerMessage:
     if method.replays_history:
         catch_up(method, model, context, msg.content, version)
     data = client_data(node["partitions"], int(job["client"]), job["task"])
-    reply = local_work(method, model, cfg, down, data, int(job["round"]), int(job["num_clients"]))
+    reply = client_reply(method, model, down, data, cfg.seed, int(job["round"]), data.client_id,
+                         attack(job["finetune"], int(job["num_clients"])))
     node_info = ConfigRecord({"synced": version, "peak_rss_mb": peak_rss_mb()})  # beside the metered reply
     return FlowerMessage(to_records(reply, **{NODE: node_info}), reply_to=msg)
-
-
-def local_work(method, model, cfg: FinetuneParams, down: Message, data, round_: int, num_clients: int) -> Message:
-    """The method's client_update with the client's RNG for the round, corrupted first when
-    finetune.attack makes this client malicious (as engine.LocalClients does)."""
-    from edgetune.federated.engine import client_generator
-
-    reply = method.client_update(model, down, data, client_generator(cfg.seed, round_, data.client_id))
-    if cfg.attack.kind != "none":
-        from edgetune.federated.attacks import Attack
-
-        reply = Attack(cfg.attack, num_clients, cfg.seed).corrupt(method, round_, data.client_id, down, reply)
-    return reply
 
 
 # --------------------------------------------------------------------------- node config
@@ -108,16 +97,24 @@ def node_paths(node_config, job) -> dict[str, Path]:
 @lru_cache(maxsize=1)
 def worker(finetune: str, task: str, model_dir: str, num_clients: int):
     """(method, model) as the server and the local engine build them; one per process."""
-    from edgetune.federated.train import prepare
+    from edgetune.federated.setup import prepare
     from edgetune.tasks import get_task
 
     cfg = FinetuneParams.model_validate_json(finetune)
     return prepare(Path(model_dir), get_task(task), cfg, num_clients, cfg.sample_rate)
 
 
+@lru_cache(maxsize=1)
+def attack(finetune: str, num_clients: int):
+    """finetune.attack's attackers (attacks.Attack), or None, as the local engine has them."""
+    from edgetune.federated.setup import attack_of
+
+    return attack_of(FinetuneParams.model_validate_json(finetune), num_clients)
+
+
 @lru_cache(maxsize=8)
 def client_data(partitions: Path, client_id: int, task: str):
-    from edgetune.federated.train import load_client
+    from edgetune.federated.setup import load_client
     from edgetune.tasks import get_task
 
     return load_client(partitions / f"client_{client_id:04d}.parquet", client_id, get_task(task).target_column)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from edgetune.config import BadInput, FinetuneParams
 
+JOB_ENV = "EDGETUNE_FLOWER_JOB"  # the job's path for a ServerApp in the Simulation Engine
+
 
 @dataclass
 class FlowerJob:
@@ -28,6 +30,13 @@ class FlowerJob:
     connect_timeout: float = 120.0  # seconds to wait for SuperNodes owning every client
     round_timeout: float = 600.0  # seconds a round waits for replies; missing ones are dropped
     extra: dict = field(default_factory=dict)
+    resume: list[str] | None = None  # resume.ResumeFolder (folder, fingerprint) the ServerApp goes on from
+
+    def resume_folder(self):
+        """The stage's resume.ResumeFolder, or None."""
+        from edgetune.federated.resume import ResumeFolder
+
+        return ResumeFolder(*self.resume) if self.resume else None
 
     @property
     def params(self) -> FinetuneParams:

@@ -17,9 +17,10 @@ from edgetune.federated.flower.job import FlowerJob, history_file
 
 
 def finetune_on_flower(base_dir: Path, partitions: Path, task: str, cfg: FinetuneParams, out_dir: Path,
-                       num_clients: int) -> tuple[dict, list[RoundLog]]:
+                       num_clients: int, resume=None) -> tuple[dict, list[RoundLog]]:
+    """`resume` (resume.ResumeFolder): the ServerApp goes on after its last saved round."""
     preflight(base_dir, cfg, num_clients)
-    job, path = write_job(base_dir, partitions, task, cfg, out_dir, num_clients)
+    job, path = write_job(base_dir, partitions, task, cfg, out_dir, num_clients, resume)
     with ExitStack() as stack:
         home = open_federation(stack, job, path, partitions, cfg)
         run_job(home, path, cfg, num_clients)
@@ -86,12 +87,13 @@ def preflight(base_dir: Path, cfg: FinetuneParams, num_clients: int) -> None:
 
 
 def write_job(base_dir: Path, partitions: Path, task: str, cfg: FinetuneParams, out_dir: Path,
-              num_clients: int) -> tuple[FlowerJob, Path]:
+              num_clients: int, resume=None) -> tuple[FlowerJob, Path]:
     """The job JSON in <out>.flower/ (beside the DVC out, with the processes' logs)."""
     folder = Path(f"{Path(out_dir).absolute()}.flower")
     job = FlowerJob(finetune=cfg.model_dump(mode="json"), task=task, model=str(Path(base_dir).absolute()),
                     out=str(Path(out_dir).absolute()), num_clients=num_clients,
                     connect_timeout=cfg.flower.connect_timeout, round_timeout=cfg.flower.round_timeout,
+                    resume=[str(resume.folder.absolute()), resume.fingerprint] if resume else None,
                     **tracking())
     if cfg.flower.simulation:  # virtual nodes have no node config: the folders travel with the job
         job.extra = {"sim_partitions": str(Path(partitions).absolute()), "sim_model": job.model}
@@ -126,7 +128,7 @@ def tracking() -> dict:
 
 def read_history(out_dir: Path, cfg: FinetuneParams, num_clients: int) -> tuple[dict, list[RoundLog]]:
     """(summary, history) from the ServerApp's history.json, as the local backend returns them."""
-    from edgetune.federated.train import summarize
+    from edgetune.federated.setup import summarize
 
     path = history_file(out_dir)
     if not path.is_file():

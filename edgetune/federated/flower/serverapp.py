@@ -4,7 +4,9 @@ It reads the job the finetune stage wrote (job.py), builds the method and the se
 as the local engine does, finds the SuperNodes owning the clients, runs every round through
 FlowerClients, saves the global state after each round (out/checkpoint), logs each round's
 metrics to the stage's MLflow run, exports the final model (out/merged) and leaves the round
-logs in <out>.flower/history.json for the stage.
+logs in <out>.flower/history.json for the stage. With the stage's resume folder in the job
+(resume.py), it saves every round there too and, restarted after a crash, goes on from the last
+saved round, as the local backend does.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from edgetune.federated.flower.job import FlowerJob, history_file
+from edgetune.federated.flower.job import JOB_ENV, FlowerJob, history_file
 
 app = ServerApp()
 
@@ -25,8 +27,6 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """The job comes from the run config (`flwr run`) or, in the Simulation Engine, the environment."""
-    from edgetune.federated.flower.simulation import JOB_ENV
-
     serve(grid, FlowerJob.read(str(context.run_config.get("job") or os.environ.get(JOB_ENV, ""))))
 
 
@@ -34,7 +34,7 @@ def serve(grid, job: FlowerJob) -> None:
     from edgetune.evaluate import peak_rss_mb
     from edgetune.federated.engine import run_federation
     from edgetune.federated.flower.transport import FlowerClients
-    from edgetune.federated.train import prepare
+    from edgetune.federated.setup import engine_options, prepare
     from edgetune.tasks import get_task
 
     cfg = job.params
@@ -42,10 +42,9 @@ def serve(grid, job: FlowerJob) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     clients = FlowerClients(grid, job, method)
     out = Path(job.out)
-    state, history = run_federation(
-        method, model, clients, num_rounds=cfg.num_rounds, sample_rate=cfg.sample_rate, seed=cfg.seed,
-        checkpoint_dir=out / "checkpoint", on_round=round_logger(job), dropout=cfg.dropout,
-        min_clients=cfg.min_clients, round_retries=cfg.round_retries)
+    state, history = run_federation(method, model, clients, checkpoint_dir=out / "checkpoint",
+                                    on_round=round_logger(job), resume=job.resume_folder(),
+                                    **engine_options(cfg, clients))
     method.export(model, state, out)
     summary = {"trainable_params": trainable, "peak_rss_mb": peak_rss_mb()}
     if method.privacy:

@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 
 from edgetune.config import RunFailed
-
-JOB_ENV = "EDGETUNE_FLOWER_JOB"
+from edgetune.federated.flower.job import JOB_ENV
 
 
 def simulate(job: Path, num_clients: int, client_cpus: float) -> None:

@@ -141,6 +141,14 @@ class FlowerClients:
         attempt.extra = {"wire_bytes_up": float(wire_up), "client_peak_rss_mb": client_rss}
         return attempt
 
+    def checkpoint_state(self) -> dict:
+        """The broadcasts kept for catch-up (saved for resume: a restarted federation's nodes
+        have none, and get every one they missed)."""
+        return {"broadcasts": dict(self.broadcasts)}
+
+    def restore(self, saved: dict) -> None:
+        self.broadcasts = dict(saved.get("broadcasts", {}))
+
     def missed(self, node: int, version: int) -> list[int]:
         """The earlier broadcasts a node has not confirmed (seed-scalar methods only)."""
         if not self.replays:

@@ -14,18 +14,17 @@ from pathlib import Path
 import torch
 
 from edgetune.config import BadInput, FinetuneParams
+from edgetune.federated import registry
 from edgetune.federated.engine import ClientData
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import save_model
 
-METHODS: dict[str, type["FederatedMethod"]] = {}  # filled by register_method
-
 
 class FederatedMethod(ABC):
-    name: str = "?"
+    name: str = "?"  # name and centralized: set from the method's registry spec (registry.load)
     centralized = False  # True: one client holds all the data (e.g. mezo)
     replays_history = False  # True: a client rebuilds the global model from every broadcast so far
-    privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by train.prepare)
+    privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by setup.prepare)
 
     def __init__(self, cfg: FinetuneParams, tok, objective):
         self.cfg = cfg
@@ -79,12 +78,10 @@ class FederatedMethod(ABC):
         save_model(model, self.tok, Path(out_dir) / "merged")
 
 
-def register_method(name: str, cls: type[FederatedMethod]) -> None:
-    cls.name = name
-    METHODS[name] = cls
-
-
 def get_method(name: str) -> type[FederatedMethod]:
-    if name not in METHODS:
-        raise BadInput(f"finetune.method: unknown method {name!r}; expected one of {sorted(METHODS)}")
-    return METHODS[name]
+    """The registered method's class (its module imported now)."""
+    try:
+        spec = registry.lookup(name)
+    except ValueError as e:
+        raise BadInput(str(e)) from None
+    return spec.load()

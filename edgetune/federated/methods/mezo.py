@@ -5,4 +5,4 @@ from edgetune.federated.methods.job import JOB
 
 
 class MeZO(JOB):
-    centralized = True
+    """JOB on one client holding all the data (its registry family: centralized)."""

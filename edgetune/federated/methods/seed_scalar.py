@@ -90,10 +90,11 @@ class SeedScalarMethod(FederatedMethod):
         """Per round, the (seeds, scalars) replayed: rebuilding = replaying all of them."""
 
     # ----------------------------------------------------------------- global model
-    def rebuild(self, model, state) -> None:
-        """Replay the whole dictionary history onto the initial weights (a late joiner's
-        catch-up, or an evaluator that never trained). Bit-identical to the synced model."""
-        for seeds, grads in self.history(state):
+    def rebuild(self, model, state, start: int = 0) -> None:
+        """Replay the dictionary history after round `start` onto the model holding that round's
+        weights; all of it onto the initial weights (a late joiner's catch-up, or an evaluator
+        that never trained). Bit-identical to the synced model."""
+        for seeds, grads in self.history(state)[start:]:
             zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
 
     def restore(self, model, state, saved) -> None:
@@ -104,9 +105,9 @@ class SeedScalarMethod(FederatedMethod):
 
     def apply_global(self, model, state) -> None:
         version = int(self.downlink(state).meta["round"])
-        if self.model_round == 0 and version > 1:  # still the initial weights (a model that never
-            # ran a client, e.g. Flower's ServerApp): replay the whole history
-            self.rebuild(model, state)
+        if version > self.model_round + 1:  # a model no client ran for rounds (Flower's ServerApp,
+            # from the start or from a restored round): replay the rounds it misses
+            self.rebuild(model, state, self.model_round)
             self.model_round = version
             return
         self.sync(model, self.downlink(state))  # replay the last round's broadcast

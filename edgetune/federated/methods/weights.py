@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from edgetune.federated.aggregation import robust_blocks
+from edgetune.federated.aggregation import mean_per_key, robust_blocks
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.protocol import Message
@@ -26,27 +26,6 @@ from edgetune.federated.trainable import prepare_trainable, trainable_blocks
 def sample_batch(data: ClientData, batch_size: int, rng: torch.Generator):
     idx = torch.randint(len(data), (batch_size,), generator=rng).tolist()
     return [data.prompts[i] for i in idx], [data.targets[i] for i in idx]
-
-
-def weighted_mean(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """FedAvg: the sample-weighted mean of each tensor, via Flower's aggregate()."""
-    from flwr.server.strategy.aggregate import aggregate
-
-    keys = list(states[0])
-    arrays = [([s[k].float().numpy() for k in keys], int(w)) for s, w in zip(states, weights)]
-    averaged = aggregate(arrays)
-    return {k: torch.from_numpy(a).to(states[0][k].dtype) for k, a in zip(keys, averaged)}
-
-
-def mean_per_key(replies: list[Message]) -> dict[str, torch.Tensor]:
-    """Per block, the sample-weighted mean over the clients that sent it."""
-    keys = sorted({k for r in replies for k in r.tensors})
-    out = {}
-    for key in keys:
-        senders = [r for r in replies if key in r.tensors]
-        out.update(weighted_mean([{key: r.tensors[key]} for r in senders],
-                                 [r.meta["num_samples"] for r in senders]))
-    return out
 
 
 class WeightMethod(FederatedMethod):

@@ -1,0 +1,34 @@
+"""The one "build a method and run a few rounds" helper the tests share."""
+
+from __future__ import annotations
+
+from edgetune.config import FinetuneParams
+from edgetune.federated.engine import ClientData, run_federation
+from edgetune.federated.setup import engine_options, prepare
+
+
+def make_clients(sst2_prompts, n=4, size=24) -> list[ClientData]:
+    """`n` clients of `size` consecutive SST-2 rows each."""
+    prompts, labels = sst2_prompts
+    return [ClientData(i, prompts[i * size:(i + 1) * size], labels[i * size:(i + 1) * size])
+            for i in range(n)]
+
+
+def build(model_dir, cfg: FinetuneParams, task: str = "sst2", num_clients: int = 1):
+    """(method, model) as the finetune stage builds them (setup.prepare: adapters seeded by
+    finetune.seed; with finetune.dp, the mechanism for num_clients)."""
+    from edgetune.tasks import get_task
+
+    return prepare(model_dir, get_task(task), cfg, num_clients, cfg.sample_rate)
+
+
+def federate(model_dir, clients: list[ClientData], cfg: FinetuneParams, task: str = "sst2",
+             patch=None, **engine):
+    """(method, model, state, history): cfg's method and model as the finetune stage builds
+    them (setup.prepare), `patch(method)` applied, then its rounds on the local engine with
+    setup.engine_options, `engine` (run_federation's keywords) overriding them."""
+    method, model = build(model_dir, cfg, task, len(clients))
+    if patch is not None:
+        patch(method)
+    state, history = run_federation(method, model, clients, **{**engine_options(cfg, clients), **engine})
+    return method, model, state, history
