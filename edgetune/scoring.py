@@ -47,14 +47,24 @@ def classification_loss(model, batch, labels: torch.Tensor, label_ids: torch.Ten
 @torch.no_grad()
 def accuracy(model, tok, prompts: list[str], labels: list[int], label_ids: torch.Tensor,
              batch_size: int = 16, max_length: int = 128, progress: str | None = None) -> float:
-    """Share of prompts whose argmax label word is the gold label."""
+    """Share of prompts whose argmax label word is the gold label. Batches hold prompts of
+    similar length (sorted by token count, as HF's group_by_length), so little compute goes to
+    padding; each prompt's prediction does not depend on its batch."""
     from tqdm.auto import tqdm
 
     model.eval()
+    order = by_length(tok, prompts)
     correct = 0
     steps = range(0, len(prompts), batch_size)
     for start in tqdm(steps, desc=progress, disable=progress is None, leave=False):
-        batch = encode(tok, prompts[start:start + batch_size], max_length)
+        idx = order[start:start + batch_size]
+        batch = encode(tok, [prompts[i] for i in idx], max_length)
         pred = label_logits(model, batch, label_ids).argmax(-1)
-        correct += (pred == torch.tensor(labels[start:start + batch_size])).sum().item()
+        correct += (pred == torch.tensor([labels[i] for i in idx])).sum().item()
     return correct / max(len(prompts), 1)
+
+
+def by_length(tok, prompts: list[str]) -> list[int]:
+    """Prompt indices, shortest first (stable: equal lengths keep their order)."""
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=False)["input_ids"]]
+    return sorted(range(len(prompts)), key=lengths.__getitem__)
