@@ -58,7 +58,7 @@ def screenshot(browser: str, url: str, out: Path, width: int, height: int, wait_
     cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
            f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
            f"--screenshot={out.resolve()}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
     if proc.returncode or not out.is_file():
         raise RuntimeError(f"{browser} failed: {proc.stderr.strip().splitlines()[-1:]}")
 

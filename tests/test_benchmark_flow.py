@@ -92,7 +92,7 @@ def test_a_bad_grid_fails_before_any_cell_starts(tmp_path):
 def run_screenshot(out, *args):
     return subprocess.run([sys.executable, "-m", "benchmarks.mlflow_screenshot", "--tracking-uri",
                            f"sqlite:///{out / 'mlflow.db'}", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=600)
 
 
 @pytest.mark.skipif(not shutil.which("chromium"), reason="Chromium not installed (.ci/run installs it)")
