@@ -1,12 +1,14 @@
-"""A PNG of the MLflow UI's compare view of real pipeline runs, taken with headless Chromium.
+"""A PNG of the MLflow UI on real pipeline runs, taken with headless Chromium.
 
-Starts `mlflow server` on the given tracking store (loopback, a free port), opens its
-compare-runs page for the experiment's finished pipeline runs (newest per grid cell), lets the
-page's JavaScript render, saves the screenshot and stops the server.
+Starts `mlflow server` on the given tracking store (loopback, a free port), opens one view of
+the experiment, lets the page's JavaScript render, saves the screenshot and stops the server.
+Views (--view): `compare` (default: the chart view `make run` links to, the fine-tuned score
+against bytes per client per round and peak memory, edgetune/tracking.py: compare_view_url),
+`landing` (the experiment as it opens), `runs` (the pipeline runs with their Dataset and Models
+columns), `models` (the logged models), `compare-runs` (MLflow's compare page of the runs).
 
-    python -m benchmarks.mlflow_screenshot \\
-        --tracking-uri sqlite:///benchmarks/results/grid_small/mlflow.db \\
-        --experiment edgetune-grid-small --out docs/mlflow_compare.png
+    python -m benchmarks.mlflow_screenshot --tracking-uri sqlite:///mlflow.db \\
+        --experiment edgetune-sst2 --out docs/mlflow_compare.png
 
 Needs Chromium (Debian: `apt-get install chromium`); `--browser` points at another binary.
 """
@@ -53,6 +55,19 @@ def compare_url(base: str, experiment_id: str, run_ids: list[str]) -> str:
     return f"{base}/#/compare-runs?{query}"
 
 
+def view_url(view: str, base: str, experiment_id: str, run_ids: list[str]) -> str:
+    from edgetune import tracking
+
+    pipeline_runs = urllib.parse.urlencode({"searchFilter": tracking.PIPELINE_RUNS})
+    return {
+        "compare": lambda: tracking.compare_view_url(base, experiment_id),
+        "landing": lambda: tracking.experiment_url(base, experiment_id),
+        "runs": lambda: f"{base}/#/experiments/{experiment_id}/runs?{pipeline_runs}&workflowType=machine_learning",
+        "models": lambda: f"{base}/#/experiments/{experiment_id}/models?workflowType=machine_learning",
+        "compare-runs": lambda: compare_url(base, experiment_id, run_ids),
+    }[view]()
+
+
 def screenshot(browser: str, url: str, out: Path, width: int, height: int, wait_ms: int) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
@@ -68,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tracking-uri", required=True, help="MLflow backend store, e.g. sqlite:///mlflow.db")
     p.add_argument("--experiment", required=True)
     p.add_argument("--out", type=Path, default=Path("docs/mlflow_compare.png"))
+    p.add_argument("--view", choices=["compare", "landing", "runs", "models", "compare-runs"], default="compare")
     p.add_argument("--max-runs", type=int, default=8)
     p.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     p.add_argument("--size", default="1600x1400", help="window WIDTHxHEIGHT in pixels")
@@ -97,12 +113,12 @@ def main(argv: list[str] | None = None) -> None:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_until_up(f"{base}/health", server)
-        screenshot(args.browser, compare_url(base, experiment.experiment_id, run_ids), args.out,
+        screenshot(args.browser, view_url(args.view, base, experiment.experiment_id, run_ids), args.out,
                    width, height, args.wait_ms)
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"wrote {args.out} ({len(run_ids)} runs of {args.experiment})")
+    print(f"wrote {args.out} ({args.view} view, {len(run_ids)} pipeline runs of {args.experiment})")
 
 
 if __name__ == "__main__":

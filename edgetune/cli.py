@@ -73,7 +73,7 @@ def stage(name: str, params_file: str, inputs: list[str], outputs: list[str],
     prefix = f"{section or name}."
     logged = {k: v for k, v in flatten(params).items() if k.startswith(prefix)}
     try:
-        with tracking.stage_run(name, params.tracking.experiment, logged) as run:
+        with tracking.stage_run(name, params, logged) as run:
             yield params, run
     except BaseException:
         for out in outs:

@@ -7,7 +7,8 @@ is stale: unchanged stages are skipped (the task ends in a Completed state named
 are still linked to this run in MLflow with their cached metrics. Transient failures (a held
 DVC lock, a locked MLflow database) are retried once; any other stage failure fails the flow
 with the stage's own error. One MLflow parent run holds all params and the headline metrics;
-each stage logs its child run under it (EDGETUNE_PARENT_RUN_ID).
+each stage logs its child run under it (EDGETUNE_PARENT_RUN_ID). The parent run is named by
+what sets it apart (edgetune/tracking.py: parent_run_name) and lists the datasets and models.
 
 Without PREFECT_API_URL, Prefect starts a temporary local server for the run.
 """
@@ -107,11 +108,8 @@ def build_flow():
         logger = get_run_logger()
         mlflow = tracking.configure(params.tracking.experiment)
         outcomes: dict[str, str] = {}
-        with mlflow.start_run(run_name="pipeline", tags={
-            "edgetune.stage": "pipeline", "mlflow.source.git.commit": tracking.git_commit(),
-            "edgetune.method": params.finetune.method, "edgetune.task": params.data.task,
-            "edgetune.compress": " -> ".join(s.method for s in params.compress.steps) or "none",
-            **json.loads(os.environ.get(EXTRA_TAGS_ENV) or "{}"),
+        with mlflow.start_run(run_name=tracking.parent_run_name(params), tags={
+            **tracking.pipeline_tags(params), **json.loads(os.environ.get(EXTRA_TAGS_ENV) or "{}"),
         }) as parent:
             mlflow.log_params(flatten(params))
             os.environ[tracking.PARENT_ENV] = parent.info.run_id
@@ -127,7 +125,8 @@ def build_flow():
                             Path("metrics") / f"{stage}.json")
             finally:
                 os.environ.pop(tracking.PARENT_ENV, None)
-            mlflow.log_metrics(headline_metrics(Path("metrics")))
+            mlflow.log_metrics(tracking.headline_metrics(Path("metrics")))
+            tracking.log_pipeline_datasets(mlflow.MlflowClient(), parent.info.run_id)
             mlflow.set_tag("edgetune.cached_stages",
                            ",".join(s for s, o in outcomes.items() if o == "cached") or "none")
         logger.info("stages: %s", ", ".join(f"{s}={o}" for s, o in outcomes.items()))
@@ -142,29 +141,6 @@ def section_params(params, stage: str, dvc_file: str = "dvc.yaml") -> dict[str, 
     declared = yaml.safe_load(Path(dvc_file).read_text())["stages"][stage].get("params") or []
     keys = tuple(p for p in declared if isinstance(p, str))
     return {k: v for k, v in flatten(params).items() if k in keys or k.startswith(tuple(p + "." for p in keys))}
-
-
-def headline_metrics(folder: Path) -> dict[str, float]:
-    """Every stage's numeric metrics as '<stage>.<key>', plus short names to sort by in the UI."""
-    metrics: dict[str, float] = {}
-    for f in sorted(folder.glob("*.json")):
-        metrics.update(tracking.numeric(json.loads(f.read_text()), f.stem + "."))
-    aliases = {
-        "accuracy_zero_shot": "evaluate.base.accuracy",
-        "accuracy_finetuned": "evaluate.finetuned.accuracy",
-        "accuracy_compressed": "evaluate.compressed.accuracy",
-        "score_zero_shot": "evaluate.base.score",
-        "score_finetuned": "evaluate.finetuned.score",
-        "score_compressed": "evaluate.compressed.score",
-        "peak_rss_mb_finetune": "finetune.peak_rss_mb",
-        "bytes_per_client_round": "finetune.bytes_per_client_round",  # up + down, last round
-        "size_mb_compressed": "evaluate.compressed.size_mb",
-        "perplexity_compressed": "evaluate.compressed.perplexity",
-        "tokens_per_s_compressed": "evaluate.compressed.tokens_per_s",
-        "peak_rss_mb_finetuned": "evaluate.finetuned.peak_rss_mb",
-    }
-    metrics.update({a: metrics[k] for a, k in aliases.items() if k in metrics})
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,9 +173,10 @@ def summary(folder: Path, run_id: str, experiment_id: str) -> str:
                          f"{m.get('tokens_per_s', float('nan')):>10.1f}  {folders[name]}")
     if "gain_over_zero_shot" in rows:
         lines.append(f"gain over zero-shot: {100 * rows['gain_over_zero_shot']:+.1f} points")
+    ui = "http://127.0.0.1:5000"
     lines += [f"final model (Hugging Face folder): {folders['compressed']}",
-              "MLflow: make mlflow-ui, then open "
-              f"http://127.0.0.1:5000/#/experiments/{experiment_id}/runs/{run_id}"]
+              f"MLflow: make mlflow-ui, then open {tracking.experiment_url(ui, experiment_id, run_id)}",
+              f"compare runs: {tracking.compare_view_url(ui, experiment_id)}"]
     return "\n".join(lines)
 
 

@@ -13,6 +13,9 @@ from edgetune.cli import parser, run_main, stage, write_metrics
 from edgetune.config import BadInput
 
 
+ROLES = {"finetuned": "fine-tuned"}  # --model NAME -> the role its logged model is named by
+
+
 def named_models(values: list[str]) -> dict[str, str]:
     """{'finetuned': 'models/finetuned/merged', ...} from the repeated --model NAME=DIR flags."""
     bad = [v for v in values if not v.partition("=")[0] or not v.partition("=")[2]]
@@ -55,9 +58,11 @@ def main(argv=None):
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
     models = named_models(args.model)
+    folders = dict(models)
     inputs = [args.data, *models.values(), *filter(None, [args.zero_shot, args.compress_metrics])]
     with stage("evaluate", args.params, inputs, [args.metrics]) as (params, _):
         from edgetune.evaluate import check_inputs, evaluate_isolated
+        from edgetune.tracking import log_model
 
         check_inputs(args.data, models.values())
         results = {"base": read_json(args.zero_shot, "zeroshot")} if args.zero_shot else {}
@@ -77,6 +82,8 @@ def main(argv=None):
         if "base" in results and "finetuned" in results:
             results["gain_over_zero_shot"] = results["finetuned"]["score"] - results["base"]["score"]
         write_metrics(args.metrics, results)
+        for name, folder in folders.items():
+            log_model(ROLES.get(name, name), folder, results[name], params, f"{args.data}/eval.parquet")
 
 
 if __name__ == "__main__":

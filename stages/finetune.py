@@ -43,6 +43,7 @@ def main(argv=None):
         import mlflow
 
         from edgetune.federated.train import finetune, plot_history
+        from edgetune.tracking import log_datasets
 
         resume = open_resume(args, params, run.info.run_id)
 
@@ -59,6 +60,8 @@ def main(argv=None):
         plot_history(history, plots / "loss.png", plots / "rounds.csv")
         mlflow.log_artifacts(str(plots), "plots")
         mlflow.set_tag("edgetune.model_path", str(Path(args.out) / "merged"))
+        log_datasets(mlflow.MlflowClient(), run.info.run_id, {"partitions": (args.partitions, "training")},
+                     params.data.task)
         write_metrics(args.metrics, summary)
         resume.remove()
 

@@ -14,12 +14,13 @@ def main(argv=None):
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
     train_file = str(Path(args.data) / "train.parquet")
-    with stage("partition", args.params, [train_file], [args.out, args.plot, args.metrics]) as (params, _):
+    with stage("partition", args.params, [train_file], [args.out, args.plot, args.metrics]) as (params, run):
         import datasets
         import mlflow
 
         from edgetune.partition import client_stats, partition, plot_label_share
         from edgetune.tasks.base import require_parquet
+        from edgetune.tracking import log_datasets
 
         train = datasets.Dataset.from_parquet(str(require_parquet(train_file)))
         clients = partition(train, params.partition)
@@ -33,6 +34,7 @@ def main(argv=None):
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         plot_label_share(stats, args.plot)
         mlflow.log_artifact(str(out / "stats.json"))
+        log_datasets(mlflow.MlflowClient(), run.info.run_id, {"partitions": (out, "training")}, params.data.task)
         mlflow.log_artifact(args.plot)
         write_metrics(args.metrics, {k: stats[k] for k in ("num_clients", "total", "min_size", "max_size")})
 

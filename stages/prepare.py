@@ -13,10 +13,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder for train.parquet, eval.parquet, wikitext2_{test,valid}.txt")
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
-    with stage("prepare", args.params, [], [args.out, args.metrics], section="data") as (params, _):
+    with stage("prepare", args.params, [], [args.out, args.metrics], section="data") as (params, run):
         import mlflow
 
         from edgetune.tasks import get_task, resolve_source
+        from edgetune.tracking import log_datasets
         from edgetune.tasks.wikitext2 import load_text
 
         cfg = params.data
@@ -41,6 +42,8 @@ def main(argv=None):
         mlflow.set_tags({"edgetune.data.source": source.describe(),
                          "edgetune.data.text_source": text_source.describe(),
                          **{f"edgetune.data.sha256.{k}": v for k, v in hashes.items()}})
+        log_datasets(mlflow.MlflowClient(), run.info.run_id, {
+            "train": (out / "train.parquet", "training"), "eval": (out / "eval.parquet", "evaluation")}, cfg.task)
         write_metrics(args.metrics, {"train_rows": len(train), "eval_rows": len(evals),
                                      "source": source.kind, "text_source": text_source.kind,
                                      "sha256": hashes})

@@ -13,10 +13,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     with stage("zeroshot", args.params, [args.data, args.model], [args.metrics], section="evaluate") as (params, _):
         from edgetune.evaluate import check_inputs, evaluate_isolated
+        from edgetune.tracking import log_model
 
         check_inputs(args.data, [args.model])
-        write_metrics(args.metrics, evaluate_isolated(args.model, args.data, params.data.task,
-                                                      params.evaluate, "zero-shot"))
+        metrics = evaluate_isolated(args.model, args.data, params.data.task, params.evaluate, "zero-shot")
+        write_metrics(args.metrics, metrics)
+        log_model("zero-shot", args.model, metrics, params, f"{args.data}/eval.parquet")
 
 
 if __name__ == "__main__":

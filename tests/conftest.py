@@ -71,6 +71,7 @@ def sst2_prompts(mirror):
 # Tests that take minutes on 2 cores (real subprocess kills, fresh-process replays, real-model
 # training or compression): marked `slow`, so `make test-fast` leaves them out. Node-id prefixes.
 SLOW = (
+    "tests/test_dvc_experiments.py",
     "tests/test_resume.py::test_killed",
     "tests/test_resume.py::test_other_params_do_not_resume",
     "tests/test_meft.py::test_rebuild_in_a_fresh_process_is_bit_identical",

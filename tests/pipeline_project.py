@@ -33,9 +33,10 @@ def set_params(root: Path, overrides: dict) -> str:
     return old
 
 
-def make_project(root: Path, overrides: dict) -> dict[str, str]:
-    """Copy the pipeline into root with params.yaml + overrides and `dvc init` it; returns the
-    environment to run it with."""
+def make_project(root: Path, overrides: dict, git: bool = False) -> dict[str, str]:
+    """Copy the pipeline into root with params.yaml + overrides and `dvc init` it (in a git
+    repository with one commit if `git`, as `dvc exp run` needs); returns the environment to
+    run it with."""
     import shutil
 
     for name in ("edgetune", "stages", "flows"):
@@ -47,7 +48,15 @@ def make_project(root: Path, overrides: dict) -> dict[str, str]:
            if not k.startswith(("MLFLOW_TRACKING", "PREFECT_API", "EDGETUNE_DATA_MIRROR"))}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PREFECT_HOME=str(root / ".prefect"),
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}")
-    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=env)
+    if not git:
+        subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True, env=env)
+        return env
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.org", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@example.org")
+    (root / ".gitignore").write_text("mlflow.db*\n.prefect/\n__pycache__/\n")
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-q", "-m", "pipeline"]):
+        subprocess.run(cmd, cwd=root, check=True, env=env, capture_output=True)
     return env
 
 

@@ -60,6 +60,34 @@ def test_each_model_is_measured_once(project):
     assert "finetuned accuracy" in evaluate_log and "compressed accuracy" not in evaluate_log
 
 
+def test_runs_are_named_and_know_their_data_and_models(project):
+    """What the MLflow UI shows: the experiment opens on its runs, the parent run is named by
+    what sets it apart and tags the changed knobs, the prepared splits and partitions are its
+    dataset inputs, and the three models it made are logged models with metrics and params."""
+    import mlflow
+
+    root, _, _ = project
+    parent, children, _ = parent_and_children(root)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment(parent.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.info.run_name.startswith("fedit/lora sst2 ")
+    assert parent.data.tags["knob.finetune.num_rounds"] == "2" and "knob.finetune.method" not in parent.data.tags
+    inputs = {(d.dataset.name, d.tags[0].value) for d in parent.inputs.dataset_inputs}
+    assert inputs == {("sst2-train", "training"), ("sst2-eval", "evaluation"), ("sst2-partitions", "training")}
+    models = client.search_logged_models([experiment.experiment_id])
+    ours = {m.model_id: m for m in models if m.source_run_id in {r.info.run_id for r in children}}
+    assert sorted(m.name for m in ours.values()) == ["compressed", "fine_tuned", "zero_shot"]
+    assert {o.model_id for o in parent.outputs.model_outputs} == set(ours)
+    for m in ours.values():
+        assert m.tags["edgetune.folder"] in ("models/base", "models/finetuned/merged", "models/compressed")
+        assert {"accuracy", "size_mb", "score"} <= {x.key for x in m.metrics}
+        assert (m.name == "zero_shot") == ("finetune.method" not in m.params)
+    compressed = next(m for m in ours.values() if m.name == "compressed")
+    ev = json.loads((root / "metrics" / "evaluate.json").read_text())["compressed"]
+    assert {x.key: x.value for x in compressed.metrics}["accuracy"] == ev["accuracy"]
+
+
 def test_immediate_second_repro_runs_nothing(project):
     root, env, _ = project
     rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
