@@ -58,4 +58,4 @@ prefect-ui: setup
 	$(BIN)/prefect server start --host 127.0.0.1
 
 clean:
-	rm -rf data models metrics plots mlflow.db mlruns dvc.lock
+	rm -rf data models metrics plots mlflow.db mlflow.db.lock mlruns dvc.lock

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-runs", type=int, default=8)
     p.add_argument("--browser", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     p.add_argument("--size", default="1600x1400", help="window WIDTHxHEIGHT in pixels")
-    p.add_argument("--wait-ms", type=int, default=20000, help="virtual time the page gets to render")
+    p.add_argument("--wait-ms", type=int, default=60000, help="virtual time the page gets to render")
     args = p.parse_args(argv)
     if not shutil.which(args.browser):
         raise BadInput(f"--browser: {args.browser} not found; install Chromium (Debian: apt-get install chromium)")

@@ -34,6 +34,8 @@ from edgetune.config import BadInput, Params, flatten
 
 PARENT_ENV = "EDGETUNE_PARENT_RUN_ID"
 DVC_EXP_ENV = "DVC_EXP_NAME"  # set by DVC for the stages of `dvc exp run`
+RUN_NAME_ENV = "EDGETUNE_RUN_NAME"  # a parent run name chosen by the caller (flows/benchmark.py)
+NAME_ORDER = ["finetune", "compress", "partition", "data", "evaluate", "model", "tracking"]
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens on runs
 VIEW_TAG = "mlflow.sharedViewState.edgetune-compare"  # compare_view_state()
 DATASETS = {  # what the pipeline's parent run logs as dataset inputs: name -> (path, context)
@@ -59,11 +61,17 @@ def configure(experiment: str):
     import mlflow
 
     uri = store_uri()
-    origin = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking store"
+    default_store = not os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri sets it
+    origin = "tracking store" if default_store else "MLFLOW_TRACKING_URI"
     check_reachable(uri, origin)
     mlflow.set_tracking_uri(uri)
     try:
         with creation_lock(uri):
+            if default_store and mlflow.get_experiment_by_name(experiment) is None:
+                # artifacts beside the store, not in the working folder (a queued DVC experiment's
+                # is a temporary copy of the project)
+                mlflow.MlflowClient().create_experiment(
+                    experiment, artifact_location=(project_root() / "mlruns").as_uri())
             exp = mlflow.set_experiment(experiment)
             if KIND_TAG not in exp.tags or VIEW_TAG not in exp.tags:
                 client = mlflow.MlflowClient()
@@ -129,13 +137,16 @@ def changed_knobs(params: Params) -> dict[str, object]:
 
 
 def parent_run_name(params: Params) -> str:
-    """What tells this pipeline run apart: the DVC experiment's name, else e.g.
-    'fedkseed/lora sst2 num_rounds=3' (method / trainable, task, up to two changed knobs)."""
-    if os.environ.get(DVC_EXP_ENV):
-        return os.environ[DVC_EXP_ENV]
+    """What tells this pipeline run apart: the DVC experiment's name (or EDGETUNE_RUN_NAME, e.g. a
+    grid cell's label), else e.g. 'fedkseed/lora sst2 lr=0.002 num_rounds=3' (method / trainable,
+    task, up to two changed knobs, fine-tuning's first)."""
+    name = os.environ.get(DVC_EXP_ENV) or os.environ.get(RUN_NAME_ENV)
+    if name:
+        return name
     ft = params.finetune
     shown = {"finetune.method", "finetune.trainable", "data.task", "tracking.experiment", "model.source"}
-    extra = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in changed_knobs(params).items() if k not in shown]
+    changed = sorted(changed_knobs(params).items(), key=lambda kv: NAME_ORDER.index(kv[0].split(".")[0]))
+    extra = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in changed if k not in shown]
     return " ".join([f"{ft.method}/{ft.trainable_set}", params.data.task, *extra[:2]]
                     + ([f"+{len(extra) - 2}"] if len(extra) > 2 else []))
 

@@ -100,6 +100,7 @@ def make_workspace(folder: Path, params: dict) -> None:
 def run_cell(folder: Path, tags: dict[str, str], tracking_uri: str, keep_models: bool) -> dict:
     """Run the pipeline flow in the cell's workspace; returns status, seconds, error tail."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "EDGETUNE_RUN_TAGS": json.dumps(tags),
+           "EDGETUNE_RUN_NAME": folder.name,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
     with open(folder / "pipeline.log", "w") as log:

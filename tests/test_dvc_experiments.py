@@ -47,7 +47,8 @@ def test_two_queued_experiments_log_every_run_to_the_project_store(tmp_path, tin
     _, logs = run([*dvc, "queue", "logs", "exp-a"], root, env)
     assert "database is locked" not in logs
 
-    _, runs = mlflow_runs(root, "queued")
+    client, runs = mlflow_runs(root, "queued")
+    assert client.get_experiment_by_name("queued").artifact_location == (root / "mlruns").as_uri()
     parents = {r.data.tags.get("edgetune.dvc_exp"): r for r in runs if r.data.tags.get("edgetune.stage") == "pipeline"}
     assert set(parents) == {"exp-a", "exp-b"}
     for name, parent in parents.items():
