@@ -110,6 +110,13 @@ class ZOParams(Section):
     var_threshold: float = Field(
         1.0, gt=0, description="FwdLLM: variance of the scalars above which the server adds a perturbation"
     )
+    generator: Literal["torch-cpu", "philox"] = Field(
+        "torch-cpu", description="what draws z from a seed (federated/zo.py): torch-cpu = torch's CPU "
+        "generator per chunk (the stream of every run before this option; CPU only, a GPU client "
+        "copies z over) | philox = Philox4x32-10 from integer ops, the same bits on every device")
+    distribution: Literal["gaussian", "rademacher"] = Field(
+        "gaussian", description="z's entries: gaussian (MeZO) | rademacher (+1/-1, one bit per weight; "
+        "with philox, replays are bit-identical across devices)")
 
 
 class PrefixParams(Section):
