@@ -16,7 +16,7 @@ def main(argv=None):
 
         check_inputs(args.data, [args.model])
         write_metrics(args.metrics, evaluate_isolated(args.model, args.data, params.data.task,
-                                                      params.evaluate, "zero-shot"))
+                                                      params.evaluate, "zero-shot", runtime=params.model))
 
 
 if __name__ == "__main__":
