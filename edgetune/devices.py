@@ -152,12 +152,6 @@ def peak_memory(device) -> dict[str, float | str]:
     return out
 
 
-def table_memory_mb(metrics: dict, prefix: str = "") -> float | None:
-    """The memory a device's users read, from a metrics dict: peak GPU memory allocated where
-    the run used CUDA, else the peak resident memory (Table I's memory column)."""
-    return metrics.get(f"{prefix}peak_gpu_mb", metrics.get(f"{prefix}peak_rss_mb"))
-
-
 @contextmanager
 def metered(device, into: dict, key: str = "client_peak_gpu_mb"):
     """On CUDA, the largest peak of max_memory_allocated over the bodies run under it, kept in

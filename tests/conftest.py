@@ -81,6 +81,23 @@ SLOW = (
 )
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cuda", help="device of the tests marked gpu (cuda, cuda:N, "
+                     "mps or cpu); they are skipped when it is not available")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The torch.device the `gpu` tests run on (--device), or a skip when this machine lacks it."""
+    from edgetune.config import BadInput
+    from edgetune.devices import resolve
+
+    try:
+        return resolve(request.config.getoption("--device"))
+    except BadInput as e:
+        pytest.skip(str(e))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(SLOW):
