@@ -22,15 +22,16 @@ import resource
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from edgetune.config import DEVICE_RE, BadInput
-
-MB = 1 << 20
+MB = 1 << 20  # imports nothing of edgetune at module level: benchmarks/gpu_check.py runs
+#              the memory helpers where pydantic is not installed
 
 
 def resolve(name: str = "cpu"):
     """The torch.device model.device names; auto = CUDA if available, else MPS, else CPU.
     BadInput (exit 2) when the device is asked for and this machine or torch build lacks it."""
     import torch
+
+    from edgetune.config import DEVICE_RE, BadInput
 
     if not DEVICE_RE.match(name):
         raise BadInput(f"model.device: {name!r} is not a device; expected auto, cpu, cuda, cuda:N or mps")

@@ -78,6 +78,7 @@ SLOW = (
     "tests/test_compress.py::test_int8_is_smaller_close_and_reloads_in_a_fresh_process",
     "tests/test_compress.py::test_compress_stage_rejects_a_chain_step_before_loading_any_weights",
     "tests/test_distill.py::test_off_policy_gkd_halves_depth_reloads_and_approaches_the_teacher",
+    "tests/test_gpu_check.py::test_gpu_check_dry_run_writes_every_section",
 )
 
 

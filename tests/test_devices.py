@@ -2,7 +2,9 @@
 
 The tests marked `gpu` run on --device (default cuda; skipped without it): every method's
 client step on the device, mixed precision, and the philox contract across devices (CUDA vs
-CPU). benchmarks/gpu_check.sh runs them on a GPU machine; `--device cpu` runs them here."""
+CPU). benchmarks/gpu_check.sh runs them on a GPU machine; `--device cpu` runs them here. They
+need neither the packaged GGUF nor the data mirror (a GPU machine has neither): a tiny Llama
+with a word-level tokenizer built here, and synthetic review prompts."""
 
 from __future__ import annotations
 
@@ -12,7 +14,34 @@ import torch
 from edgetune.config import BadInput, FinetuneParams, ModelParams
 from edgetune.devices import MixedPrecision, peak_memory, resolve
 from edgetune.federated import philox, registry, zo
+from tests.conftest import save_tiny_llama
 from tests.helpers import federate, make_clients
+
+WORDS = ["<pad>", "<s>", "</s>", "<unk>", "Review", ":", "Sentiment", "positive", "negative", "a", "fine",
+         "dull", "warm", "flat", "film", "story", "and", "witty", "slow", "."]
+
+
+@pytest.fixture(scope="module")
+def offline_model_dir(tmp_path_factory):
+    """A tiny Llama whose tokenizer is a word-level vocabulary built here (no GGUF, no hub)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>",
+                                  unk_token="<unk>", pad_token="<pad>")
+    folder = tmp_path_factory.mktemp("offline-tok")
+    tok.save_pretrained(folder)
+    return save_tiny_llama(folder, tmp_path_factory.mktemp("offline-llama"))
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    """32 synthetic SST-2-style (prompts, labels)."""
+    adjectives = [("fine", 1), ("dull", 0), ("warm", 1), ("flat", 0), ("witty", 1), ("slow", 0)]
+    rows = [(f"Review: a {w} {n} .\nSentiment:", y) for n in ("film", "story") for w, y in adjectives] * 3
+    return [r[0] for r in rows[:32]], [r[1] for r in rows[:32]]
 
 
 def test_cpu_and_auto_resolve_here():
@@ -35,19 +64,19 @@ def test_float32_is_the_plain_path_and_cpu_memory_is_vmhwm():
     assert set(peak_memory(torch.device("cpu"))) == {"peak_rss_mb"}
 
 
-def run(tiny_model_dir, sst2_prompts, method, runtime, rounds=1, **cfg):
+def run(model_dir, prompts, method, runtime, rounds=1, **cfg):
     cfg = FinetuneParams(method=method, num_rounds=rounds, local_steps=1, batch_size=4, sample_rate=0.5,
                          zo={"K": 16, "lr": 1e-4, **cfg.pop("zo", {})}, **cfg)
-    clients = make_clients(sst2_prompts, n=2, size=8)
-    method, model, state, history = federate(tiny_model_dir, clients, cfg, runtime=runtime)
+    clients = make_clients(prompts, n=2, size=8)
+    method, model, state, history = federate(model_dir, clients, cfg, runtime=runtime)
     return method, model, history
 
 
-def test_bfloat16_backprop_autocasts_float32_weights_and_zo_runs_in_bfloat16(tiny_model_dir, sst2_prompts):
+def test_bfloat16_backprop_autocasts_float32_weights_and_zo_runs_in_bfloat16(offline_model_dir, prompts):
     bf16 = ModelParams(device="cpu", dtype="bfloat16")
-    method, model, history = run(tiny_model_dir, sst2_prompts, "fedit", bf16)
+    method, model, history = run(offline_model_dir, prompts, "fedit", bf16)
     assert method.precision.enabled and {p.dtype for p in model.parameters()} == {torch.float32}
-    method, model, history = run(tiny_model_dir, sst2_prompts, "fedkseed", bf16,
+    method, model, history = run(offline_model_dir, prompts, "fedkseed", bf16,
                                  zo={"generator": "philox", "distribution": "rademacher"})
     assert method.precision is None and {p.dtype for p in method.params} == {torch.bfloat16}
     assert history[-1].train_loss == history[-1].train_loss  # not NaN
@@ -56,10 +85,10 @@ def test_bfloat16_backprop_autocasts_float32_weights_and_zo_runs_in_bfloat16(tin
 # --------------------------------------------------------------------------- on --device
 @pytest.mark.gpu
 @pytest.mark.parametrize("method", registry.names())
-def test_every_method_runs_a_client_step_on_the_device(tiny_model_dir, sst2_prompts, device, method):
+def test_every_method_runs_a_client_step_on_the_device(offline_model_dir, prompts, device, method):
     runtime = ModelParams(device=str(device), dtype="float32")
     zo_cfg = {"generator": "philox"} if registry.lookup(method).family != "weights" else {}
-    m, model, history = run(tiny_model_dir, sst2_prompts, method, runtime, rounds=2, zo=zo_cfg)
+    m, model, history = run(offline_model_dir, prompts, method, runtime, rounds=2, zo=zo_cfg)
     assert {p.device.type for p in model.parameters()} == {device.type}
     assert all(h.train_loss == h.train_loss for h in history)
     if device.type == "cuda":
@@ -68,10 +97,10 @@ def test_every_method_runs_a_client_step_on_the_device(tiny_model_dir, sst2_prom
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_half_precision_on_the_device(tiny_model_dir, sst2_prompts, device, dtype):
+def test_half_precision_on_the_device(offline_model_dir, prompts, device, dtype):
     runtime = ModelParams(device=str(device), dtype=dtype)
     for method in ("fedit", "job"):
-        _, _, history = run(tiny_model_dir, sst2_prompts, method, runtime, rounds=2,
+        _, _, history = run(offline_model_dir, prompts, method, runtime, rounds=2,
                             zo={"generator": "philox", "distribution": "rademacher"})
         assert all(h.train_loss == h.train_loss for h in history)
 

@@ -46,22 +46,41 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def chunks(params: Sequence[torch.Tensor], size: int | None = None) -> list[tuple[int, torch.Tensor]]:
-    """(offset of its first element in z, flat view) of the trainable weights, cut into pieces
-    of at most `size` (default CHUNK) elements."""
+Chunk = tuple[int, list[torch.Tensor]]  # (offset in z of its first element, flat weight views)
+
+
+def chunks(params: Sequence[torch.Tensor], size: int | None = None, pack: bool = False) -> list[Chunk]:
+    """The trainable weights as chunks of at most `size` (default CHUNK) elements of z, each
+    (offset of its first element in z, its flat views). pack=False: one view per chunk, every
+    tensor cut on its own (the torch-cpu contract). pack=True: z's elements [k size, (k+1) size)
+    in one chunk across tensors of one dtype (philox: one draw for many small tensors; a
+    model's norms and biases cost ~200 tensor ops each drawn alone)."""
     size = size or CHUNK
-    out, offset = [], 0
+    out: list[Chunk] = []
+    offset = 0
     for p in params:
-        out += [(offset + start, p.data.view(-1)[start:start + size]) for start in range(0, p.numel(), size)]
+        flat, start = p.data.view(-1), 0
+        while start < p.numel():
+            first = offset + start
+            end = min(p.numel(), start + size, ((first // size + 1) * size - offset) if pack else p.numel())
+            last = out[-1] if out else None
+            if pack and last and last[0] // size == first // size and last[1][0].dtype == p.dtype:
+                last[1].append(flat[start:end])
+            else:
+                out.append((first, [flat[start:end]]))
+            start = end
         offset += p.numel()
     return out
 
 
-def chunks_for(params: Sequence[torch.Tensor], sampler) -> list[tuple[int, torch.Tensor]]:
-    """The chunks `sampler` draws z in: CHUNK elements, except philox off the CPU (its numbers
-    do not depend on the chunking)."""
+def chunks_for(params: Sequence[torch.Tensor], sampler) -> list[Chunk]:
+    """The chunks `sampler` draws z in: torch-cpu, CHUNK elements per tensor piece; philox,
+    packed windows of CHUNK elements (DEVICE_CHUNK off the CPU: its numbers do not depend on
+    the chunking)."""
+    if sampler.generator != "philox":
+        return chunks(params, CHUNK)
     on_cpu = not params or params[0].device.type == "cpu"
-    return chunks(params, CHUNK if on_cpu or sampler.generator != "philox" else DEVICE_CHUNK)
+    return chunks(params, CHUNK if on_cpu else DEVICE_CHUNK, pack=True)
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -95,19 +114,19 @@ class Sampler:
         """What checkpoints and messages record, e.g. 'philox/rademacher@1'."""
         return f"{self.generator}/{self.distribution}@{CONTRACT}"
 
-    def draw(self, seed: int, index: int, offset: int, like: torch.Tensor) -> torch.Tensor:
-        """Chunk `index` of z(seed), whose first element is element `offset` of z, shaped and
-        typed like the flat chunk `like` (and on its device)."""
-        n = like.numel()
+    def draw(self, seed: int, index: int, chunk: Chunk) -> torch.Tensor:
+        """Chunk number `index` of z(seed) (chunks_for), flat, in its views' dtype and device."""
+        offset, views = chunk
+        n, like = sum(v.numel() for v in views), views[0]
         if self.generator == "philox":
             draw = philox.DISTRIBUTIONS[self.distribution]
-            return draw(seed, offset, n, like.device, like.dtype, out=z_buffer(like, philox.SLACK))
+            return draw(seed, offset, n, like.device, like.dtype, out=z_buffer(n, like, philox.SLACK))
         gen = torch.Generator().manual_seed(chunk_seed(seed, index))
         if self.distribution == "gaussian":
-            z = torch.randn(n, generator=gen, dtype=like.dtype, out=z_buffer(like))
+            z = torch.randn(n, generator=gen, dtype=like.dtype, out=z_buffer(n, like))
         else:
             data = torch.randint(0, 256, (-(-n // 8),), dtype=torch.uint8, generator=gen)
-            z = philox.signs_of_bytes(data, like.dtype, out=z_buffer(like, philox.SLACK))[:n]
+            z = philox.signs_of_bytes(data, like.dtype, out=z_buffer(n, like, philox.SLACK))[:n]
         return z if like.device.type == "cpu" else z.to(like.device)
 
 
@@ -117,17 +136,17 @@ LEGACY = Sampler()  # the stream of every run before samplers were versioned
 _local = threading.local()
 
 
-def z_buffer(like: torch.Tensor, slack: int = 0) -> torch.Tensor | None:
-    """This thread's reusable buffer for one chunk of z (and `slack` more elements), None off
-    the CPU. Drawing into it allocates nothing: with a fresh 16 MB tensor per chunk, the
-    allocator kept freed blocks per thread and a MeZO step peaked ~10% above inference
+def z_buffer(n: int, like: torch.Tensor, slack: int = 0) -> torch.Tensor | None:
+    """This thread's reusable buffer for n elements of z (and `slack` more) in like's dtype,
+    None off the CPU. Drawing into it allocates nothing: with a fresh 16 MB tensor per chunk,
+    the allocator kept freed blocks per thread and a MeZO step peaked ~10% above inference
     (benchmarks/memory.py); with 4 MB buffers it is ~2%."""
     if like.device.type != "cpu":
         return None
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.dtype != like.dtype or len(buf) < like.numel() + slack:
-        buf = _local.buf = torch.empty(max(CHUNK, like.numel()) + philox.SLACK, dtype=like.dtype)
-    return buf[:like.numel() + slack]
+    if buf is None or buf.dtype != like.dtype or len(buf) < n + slack:
+        buf = _local.buf = torch.empty(max(CHUNK, n) + philox.SLACK, dtype=like.dtype)
+    return buf[:n + slack]
 
 
 @torch.no_grad()
@@ -137,10 +156,12 @@ def perturb(params: Sequence[torch.Tensor], seed: int, scale: float, sampler: Sa
     parts = chunks_for(params, sampler)
 
     def add(i: int) -> None:
-        offset, part = parts[i]
-        part.add_(sampler.draw(seed, i, offset, part), alpha=scale)
+        z, start = sampler.draw(seed, i, parts[i]), 0
+        for view in parts[i][1]:
+            view.add_(z[start:start + view.numel()], alpha=scale)
+            start += view.numel()
 
-    if len(parts) == 1 or parts[0][1].device.type != "cpu":
+    if len(parts) == 1 or parts[0][1][0].device.type != "cpu":
         for i in range(len(parts)):
             add(i)
     else:
@@ -156,8 +177,7 @@ def _pool() -> ThreadPoolExecutor:
 def materialize(params: Sequence[torch.Tensor], seed: int, sampler: Sampler = LEGACY) -> torch.Tensor:
     """z(seed) as one flat vector, drawn exactly as `perturb` draws it (for small trainable
     sets only, e.g. LoRA: FwdLLM compares candidate perturbations by cosine similarity)."""
-    return torch.cat([sampler.draw(seed, i, offset, part).clone()
-                      for i, (offset, part) in enumerate(chunks_for(params, sampler))])
+    return torch.cat([sampler.draw(seed, i, chunk).clone() for i, chunk in enumerate(chunks_for(params, sampler))])
 
 
 @torch.no_grad()
