@@ -8,8 +8,9 @@ a step done the way the MeZO authors' trainer does it (Malladi et al. 2023, larg
 trainer.py: four passes, +eps, -2 eps, +eps, then the update, each reseeding torch.manual_seed
 and drawing a fresh torch.normal per tensor, `param.data = param.data + ...` out of place);
 edgetune's speed-up over it is mezo_style_s / step_s.
-Reports medians of --repeats timings, step/forward ratios and the share of a step spent
-regenerating z. Target: ratio <= 2.3.
+Reports medians of --repeats timings; the ratios (step / forward, MeZO-style / step) are
+medians over pairs timed back to back, so a shared machine's drifting load cancels. Also the
+share of a step spent regenerating z. Target: step / forward <= 2.3.
 
     python -m benchmarks.zo_step [--model DIR] [--trainable full|lora] [--repeats 3]
         [--samplers torch-cpu/gaussian philox/rademacher ...]
@@ -62,26 +63,37 @@ def mezo_authors_step(params, loss_fn, seed: int, eps: float, lr: float) -> floa
     return grad
 
 
+def paired(fn, reference, repeats: int, sync=lambda: None) -> tuple[float, float, float]:
+    """(median seconds of fn, of reference, median of the per-pair ratios fn / reference), each
+    pair timed back to back, so a load that drifts on a shared machine cancels in the ratio."""
+    pairs = [(timed(fn, 1, sync), timed(reference, 1, sync)) for _ in range(repeats)]
+    return (statistics.median(a for a, _ in pairs), statistics.median(b for _, b in pairs),
+            statistics.median(a / b for a, b in pairs))
+
+
 def measure(params, loss, samplers=SAMPLERS, repeats: int = 3, sync=lambda: None) -> dict:
-    """Forward, MeZO-style step, and per sampler: step and one perturbation pass (seconds), with
-    the ratios. lr 0: the same work, the weights kept."""
+    """Forward, the MeZO authors' step, and per sampler a step and one perturbation pass
+    (seconds), with ratios from back-to-back pairs (`paired`). lr 0: the same work, the
+    weights kept."""
     import torch
 
     from edgetune.federated import zo
 
     with torch.no_grad():
         loss()  # warm-up
-        forward = timed(loss, repeats, sync)
-        mezo = timed(lambda: mezo_authors_step(params, loss, 7, 1e-3, 0.0), repeats, sync)
-        out = {"forward_s": forward, "mezo_style_step_s": mezo, "mezo_style_over_forward": mezo / forward,
+        mezo_step = lambda: mezo_authors_step(params, loss, 7, 1e-3, 0.0)
+        mezo, forward, mezo_ratio = paired(mezo_step, loss, repeats, sync)
+        out = {"forward_s": forward, "mezo_style_step_s": mezo, "mezo_style_over_forward": mezo_ratio,
                "trainable_params": sum(p.numel() for p in params), "threads": torch.get_num_threads()}
         for name in samplers:
             sampler = zo.Sampler(*name.split("/"))
             zo.perturb(params, 7, 0.0, sampler)  # warm-up (buffers, tables)
-            step = timed(lambda: zo.step(params, loss, seed=7, eps=1e-3, lr=0.0, sampler=sampler), repeats, sync)
+            step = lambda: zo.step(params, loss, seed=7, eps=1e-3, lr=0.0, sampler=sampler)
+            step_s, _, ratio = paired(step, loss, repeats, sync)
+            _, _, speedup = paired(mezo_step, step, repeats, sync)
             perturb = timed(lambda: zo.perturb(params, 7, 0.0, sampler), repeats, sync)
-            out[name] = {"step_s": step, "perturb_pass_s": perturb, "step_over_forward": step / forward,
-                         "regeneration_share": min(1.0, 3 * perturb / step), "speedup_over_mezo_style": mezo / step}
+            out[name] = {"step_s": step_s, "perturb_pass_s": perturb, "step_over_forward": ratio,
+                         "regeneration_share": min(1.0, 3 * perturb / step_s), "speedup_over_mezo_style": speedup}
     return out
 
 
@@ -94,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
+    p.add_argument("--name", help="results/<name>.json (default zo_step_<trainable>)")
     args = p.parse_args(argv)
 
     from benchmarks.common import model_dir, real_batch, save
@@ -113,7 +126,7 @@ def main(argv=None) -> None:
                       args.samplers, args.repeats)
     for k, v in results.items():
         print(f"{k:24s} {v if isinstance(v, dict) else f'{v:.4g}'}")
-    print(save(f"zo_step_{args.trainable}", results,
+    print(save(args.name or f"zo_step_{args.trainable}", results,
                {"model": path, "trainable": args.trainable, "batch_size": args.batch_size,
                 "seq_len": args.seq_len, "repeats": args.repeats, "samplers": " ".join(args.samplers)}))
 
