@@ -7,6 +7,8 @@ import os
 import platform
 from pathlib import Path
 
+from edgetune.devices import peak_rss_mb, reset_peak_rss  # noqa: F401 (the benchmarks' meters)
+
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache"
 
@@ -40,18 +42,6 @@ def real_batch(tok, mirror: str | None, batch_size: int, seq_len: int):
     return ({"input_ids": enc["input_ids"], "attention_mask": mask,
              "position_ids": (mask.cumsum(-1) - 1).clamp(min=0)},
             torch.tensor(list(ds["label"])))
-
-
-def reset_peak_rss() -> None:
-    """Reset the kernel's resident-set high-water mark (VmHWM) of this process (Linux)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def save(name: str, results: dict, params: dict, children: dict[str, dict] | None = None,

@@ -124,7 +124,8 @@ def peak_memory(folder: str, data_dir: str, task: str) -> float:
     tokens (the evaluate stage's own peak_rss_mb, without the full dev set)."""
     import pandas as pd
 
-    from edgetune.evaluate import latency_ms_per_token, peak_rss_mb, perplexity, reset_peak_rss
+    from edgetune.devices import peak_rss_mb, reset_peak_rss
+    from edgetune.evaluate import latency_ms_per_token, perplexity
     from edgetune.models import load_hf
     from edgetune.scoring import accuracy, label_token_ids
     from edgetune.tasks import get_task

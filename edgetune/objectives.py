@@ -31,7 +31,7 @@ class LabelWords:
         """(loss, model output); the LM head runs on the last position only."""
         from edgetune.scoring import pick_label_logits
 
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
         out = model(**inputs, logits_to_keep=1, use_cache=False, **forward_kwargs)
         logits = pick_label_logits(out.logits, self.label_ids)
         return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device)), out

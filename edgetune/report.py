@@ -29,6 +29,8 @@ COLUMNS = {  # short name -> MLflow column of the pipeline run
     "trainable_params": "metrics.finetune.trainable_params",
     "peak_rss_mb_finetune": "metrics.peak_rss_mb_finetune",
     "peak_rss_mb_inference": "metrics.evaluate.base.peak_rss_mb",
+    "peak_gpu_mb_finetune": "metrics.finetune.peak_gpu_mb",  # model.device cuda only
+    "peak_gpu_mb_inference": "metrics.evaluate.base.peak_gpu_mb",
     "finetune_seconds": "metrics.finetune.seconds",
     "size_mb_compressed": "metrics.size_mb_compressed",
 }
@@ -66,6 +68,13 @@ def table_one(runs: pd.DataFrame) -> pd.DataFrame:
         "peak fine-tuning RSS (MB)": rows["peak_rss_mb_finetune"],
         "÷ inference RSS": rows["peak_rss_mb_finetune"] / rows["peak_rss_mb_inference"],
     })
+    gpu = rows["peak_gpu_mb_finetune"]
+    if gpu.notna().any():  # runs on CUDA: peak GPU memory allocated, as GPU users read it
+        train = pd.to_numeric(gpu).fillna(rows["peak_rss_mb_finetune"])
+        infer = pd.to_numeric(rows["peak_gpu_mb_inference"]).fillna(rows["peak_rss_mb_inference"])
+        out = out.drop(columns=["peak fine-tuning RSS (MB)", "÷ inference RSS"]).assign(**{
+            "peak fine-tuning memory (MB; GPU allocated, else RSS)": train.to_numpy(),
+            "÷ inference memory": (train / infer).to_numpy()})
     return out.sort_values("bytes / client / round").reset_index(drop=True)
 
 

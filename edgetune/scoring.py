@@ -37,6 +37,7 @@ def pick_label_logits(logits: torch.Tensor, label_ids: torch.Tensor) -> torch.Te
 
 def label_logits(model, batch: dict[str, torch.Tensor], label_ids: torch.Tensor) -> torch.Tensor:
     """(batch, num_labels) next-token logits of the label words after each prompt."""
+    batch = {k: v.to(model.device) for k, v in batch.items()}  # a no-op on the CPU
     return pick_label_logits(model(**batch, logits_to_keep=1, use_cache=False).logits, label_ids)
 
 

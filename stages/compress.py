@@ -34,7 +34,8 @@ def main(argv=None):
             record = {"method": step.method, "seconds": seconds, **info}
             if cfg.evaluate_steps:
                 record.update(evaluate_isolated(str(folder), args.data, params.data.task,
-                                                params.evaluate, name=f"step {i} {step.method}"))
+                                                params.evaluate, name=f"step {i} {step.method}",
+                                                runtime=params.model))
             mlflow.log_metrics(numeric(record, f"step{i}.{step.method}."))
             per_step.append(record)
             clock[0] = time.perf_counter()

@@ -76,7 +76,8 @@ def main(argv=None):
                 results["compressed"] = reused
                 models.pop("compressed")
         for name, path in models.items():
-            results[name] = evaluate_isolated(path, args.data, params.data.task, params.evaluate, name)
+            results[name] = evaluate_isolated(path, args.data, params.data.task, params.evaluate, name,
+                                              runtime=params.model)
         if copy_of:
             results["compressed"] = results[copy_of]
         if "base" in results and "finetuned" in results:

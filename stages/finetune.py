@@ -51,7 +51,8 @@ def main(argv=None):
             mlflow.log_metrics(r.metrics(), step=r.round)
 
         summary, history = finetune(Path(args.model), Path(args.partitions), params.data.task,
-                                    params.finetune, Path(args.out), on_round=log_round, resume=resume)
+                                    params.finetune, Path(args.out), on_round=log_round, resume=resume,
+                                    runtime=params.model)
         # Peak resident memory of this process (model, method state, activations, optimizer);
         # on Flower the largest ClientApp process's, measured there.
         summary.setdefault("peak_rss_mb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)

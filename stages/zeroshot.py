@@ -16,7 +16,8 @@ def main(argv=None):
         from edgetune.tracking import log_model
 
         check_inputs(args.data, [args.model])
-        metrics = evaluate_isolated(args.model, args.data, params.data.task, params.evaluate, "zero-shot")
+        metrics = evaluate_isolated(args.model, args.data, params.data.task, params.evaluate, "zero-shot",
+                                    runtime=params.model)
         write_metrics(args.metrics, metrics)
         log_model("zero-shot", args.model, metrics, params, f"{args.data}/eval.parquet")
 

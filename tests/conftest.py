@@ -79,7 +79,25 @@ SLOW = (
     "tests/test_compress.py::test_int8_is_smaller_close_and_reloads_in_a_fresh_process",
     "tests/test_compress.py::test_compress_stage_rejects_a_chain_step_before_loading_any_weights",
     "tests/test_distill.py::test_off_policy_gkd_halves_depth_reloads_and_approaches_the_teacher",
+    "tests/test_gpu_check.py::test_gpu_check_dry_run_writes_every_section",
 )
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cuda", help="device of the tests marked gpu (cuda, cuda:N, "
+                     "mps or cpu); they are skipped when it is not available")
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    """The torch.device the `gpu` tests run on (--device), or a skip when this machine lacks it."""
+    from edgetune.config import BadInput
+    from edgetune.devices import resolve
+
+    try:
+        return resolve(request.config.getoption("--device"))
+    except BadInput as e:
+        pytest.skip(str(e))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -14,20 +14,21 @@ def make_clients(sst2_prompts, n=4, size=24) -> list[ClientData]:
             for i in range(n)]
 
 
-def build(model_dir, cfg: FinetuneParams, task: str = "sst2", num_clients: int = 1):
+def build(model_dir, cfg: FinetuneParams, task: str = "sst2", num_clients: int = 1, runtime=None):
     """(method, model) as the finetune stage builds them (setup.prepare: adapters seeded by
-    finetune.seed; with finetune.dp, the mechanism for num_clients)."""
+    finetune.seed; with finetune.dp, the mechanism for num_clients; runtime: model.device and
+    model.dtype as config.ModelParams, None = CPU float32)."""
     from edgetune.tasks import get_task
 
-    return prepare(model_dir, get_task(task), cfg, num_clients, cfg.sample_rate)
+    return prepare(model_dir, get_task(task), cfg, num_clients, cfg.sample_rate, runtime)
 
 
 def federate(model_dir, clients: list[ClientData], cfg: FinetuneParams, task: str = "sst2",
-             patch=None, **engine):
+             patch=None, runtime=None, **engine):
     """(method, model, state, history): cfg's method and model as the finetune stage builds
     them (setup.prepare), `patch(method)` applied, then its rounds on the local engine with
     setup.engine_options, `engine` (run_federation's keywords) overriding them."""
-    method, model = build(model_dir, cfg, task, len(clients))
+    method, model = build(model_dir, cfg, task, len(clients), runtime)
     if patch is not None:
         patch(method)
     state, history = run_federation(method, model, clients, **{**engine_options(cfg, clients), **engine})

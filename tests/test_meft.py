@@ -27,15 +27,20 @@ def run(tiny_model_dir, clients, method_name, rounds=2, tmp=None, **overrides):
     return cfg, method, model, method.tok, state, history
 
 
-@pytest.mark.parametrize("name, trainable, samples", [
-    ("job", "full", 1), ("fedkseed", "full", 1), ("fedkseed-pro", "full", 1), ("fedkseed", "lora", 1),
-    ("fwdllm", "lora", 1), ("job", "prefix", 2), ("fedkseed", "bitfit", 3),
+PHILOX_RADEMACHER = {"generator": "philox", "distribution": "rademacher"}
+
+
+@pytest.mark.parametrize("name, trainable, samples, sampler", [
+    ("job", "full", 1, {}), ("fedkseed", "full", 1, {}), ("fedkseed-pro", "full", 1, {}),
+    ("fedkseed", "lora", 1, {}), ("fwdllm", "lora", 1, {}), ("job", "prefix", 2, {}),
+    ("fedkseed", "bitfit", 3, {}), ("fedkseed", "full", 1, PHILOX_RADEMACHER),
+    ("job", "full", 1, PHILOX_RADEMACHER), ("fedkseed", "lora", 2, {"generator": "philox"}),
 ])
 def test_rebuild_in_a_fresh_process_is_bit_identical(tiny_model_dir, sst2_prompts, tmp_path, name,
-                                                     trainable, samples):
+                                                     trainable, samples, sampler):
     cfg, method, model, _, state, _ = run(tiny_model_dir, make_clients(sst2_prompts), name,
                                           rounds=3, tmp=tmp_path, trainable=trainable,
-                                          zo={"K": 64, "lr": 1e-4, "samples": samples})
+                                          zo={"K": 64, "lr": 1e-4, "samples": samples, **sampler})
     method.export(model, state, tmp_path / "out")  # syncs the shared model to the final round
     in_process = weights_hash(method.params)
     proc = subprocess.run(

@@ -157,14 +157,19 @@ class LocalClients:
         """Local work of every sampled client that stays. A client whose update raises is dropped
         from the round with a warning (bad input still stops the run); it sends nothing. With an
         `attack` (attacks.Attack), malicious clients corrupt their reply before sending it."""
+        from edgetune.devices import metered
+
         attempt = Attempt(sampled, len(down))
+        device = next(self.model.parameters()).device
         for cid in sampled:
             if cid in dropouts:
                 attempt.dropped.append(cid)
                 continue
             try:
-                wire = to_bytes(client_reply(self.method, self.model, from_bytes(down), self.data[cid],
-                                             self.seed, round_, cid, self.attack))
+                with metered(device, attempt.extra):  # CUDA: the client step's peak GPU memory
+                    reply = client_reply(self.method, self.model, from_bytes(down), self.data[cid],
+                                         self.seed, round_, cid, self.attack)
+                wire = to_bytes(reply)
             except BadInput:
                 raise
             except Exception as e:

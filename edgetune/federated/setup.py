@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgetune.config import BadInput, FinetuneParams
+from edgetune.config import BadInput, FinetuneParams, ModelParams
 from edgetune.federated.engine import ClientData, RoundLog
 
 
@@ -44,20 +44,33 @@ def centralize(clients: list[ClientData], cfg: FinetuneParams):
     return [pooled], 1.0, cfg.model_copy(update={"local_steps": steps, "sample_rate": 1.0})
 
 
-def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_rate: float):
+def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_rate: float,
+            runtime: ModelParams | None = None):
     """(method, model) ready for the engine: the base model wrapped for the method (adapters
-    seeded by finetune.seed), with finetune.dp's Gaussian mechanism attached when on."""
+    seeded by finetune.seed), with finetune.dp's Gaussian mechanism attached when on.
+    The one place a federated model gets its device and precision (runtime: model.device and
+    model.dtype; None = CPU float32): placed after the method wrapped it (peft's new weights
+    move with it); backprop methods keep float32 weights under autocast (method.precision),
+    zeroth-order ones load in model.dtype (devices.py says why)."""
     import torch
 
     from edgetune.config import clients_per_round
+    from edgetune.devices import MixedPrecision, resolve, torch_dtype
     from edgetune.federated.methods import build_method
     from edgetune.federated.privacy import GaussianMechanism
     from edgetune.models import load_hf
 
+    runtime = runtime or ModelParams(device="cpu")
+    device = resolve(runtime.device)  # bad input (exit 2) before any loading
+    backprop = cfg.spec.family == "weights"
     torch.manual_seed(cfg.seed)  # adapter init
-    model, tok = load_hf(base_dir, dtype=torch.float32)
+    model, tok = load_hf(base_dir, dtype=torch.float32 if backprop else torch_dtype(runtime.dtype))
     method = build_method(cfg, tok, task, model)
     model = method.prepare_model(model)
+    if device.type != "cpu":
+        model.to(device)  # in place: the parameters a method keeps stay the model's
+    if backprop:
+        method.precision = MixedPrecision(device, runtime.dtype)
     if cfg.dp.enabled:
         method.privacy = GaussianMechanism(cfg.dp, cfg.seed, clients_per_round(num_clients, sample_rate),
                                            num_clients)

@@ -3,10 +3,17 @@
 Written by hand: no maintained library implements it. The seed -> z contract, which every
 seed-scalar method (JOB, FedKSeed, FwdLLM) relies on:
 
-    z(seed) is a standard normal vector over the trainable parameters, cut in their fixed order
-    into chunks of at most CHUNK elements; chunk i is drawn from
-    torch.Generator().manual_seed(chunk_seed(seed, i)). It is never stored: every use
-    regenerates it, so perturbing costs no memory beyond one chunk per thread.
+    z(seed) is a vector over the trainable parameters, in their fixed order, drawn by a
+    `Sampler` (finetune.zo.generator x finetune.zo.distribution). It is never stored: every
+    use regenerates it, so perturbing costs no memory beyond one chunk per thread.
+      torch-cpu (the default, the contract before versioning): cut into chunks of at most
+        CHUNK elements, chunk i drawn from torch.Generator().manual_seed(chunk_seed(seed, i));
+        gaussian = torch.randn, rademacher = torch.randint bytes, one bit per weight. CPU only
+        (a CUDA client draws on the CPU and copies each chunk over).
+      philox: element j of z is a pure function of (seed, j) (federated/philox.py): the same
+        bits on every device, for any chunking and thread count.
+    Which sampler made a seed travels with it: Sampler.tag in checkpoints and, when it is not
+    the default, in every seed-scalar message (methods/seed_scalar.py); no tag = torch-cpu/gaussian.
 
 One step: perturb +eps, loss L+; perturb -2 eps, loss L-; perturb +eps (restores theta up to
 float rounding); projected gradient g = (L+ - L-) / (2 eps); update theta <- theta - lr * g * z.
@@ -20,12 +27,17 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
 
+from edgetune.federated import philox
+
 CHUNK = 1 << 20  # 1M elements (4 MB of float32) of z alive per thread
+DEVICE_CHUNK = 1 << 23  # philox off the CPU: fewer, larger kernel launches (the Gaussian
+#                         intermediates of a chunk: ~200 MB on the device)
 MASK64 = (1 << 64) - 1
 
 
@@ -34,10 +46,41 @@ def trainable(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def chunks(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Flat views of the trainable weights, cut into pieces of at most CHUNK elements."""
-    return [p.data.view(-1)[start:start + CHUNK]
-            for p in params for start in range(0, p.numel(), CHUNK)]
+Chunk = tuple[int, list[torch.Tensor]]  # (offset in z of its first element, flat weight views)
+
+
+def chunks(params: Sequence[torch.Tensor], size: int | None = None, pack: bool = False) -> list[Chunk]:
+    """The trainable weights as chunks of at most `size` (default CHUNK) elements of z, each
+    (offset of its first element in z, its flat views). pack=False: one view per chunk, every
+    tensor cut on its own (the torch-cpu contract). pack=True: z's elements [k size, (k+1) size)
+    in one chunk across tensors of one dtype (philox: one draw for many small tensors; a
+    model's norms and biases cost ~200 tensor ops each drawn alone)."""
+    size = size or CHUNK
+    out: list[Chunk] = []
+    offset = 0
+    for p in params:
+        flat, start = p.data.view(-1), 0
+        while start < p.numel():
+            first = offset + start
+            end = min(p.numel(), start + size, ((first // size + 1) * size - offset) if pack else p.numel())
+            last = out[-1] if out else None
+            if pack and last and last[0] // size == first // size and last[1][0].dtype == p.dtype:
+                last[1].append(flat[start:end])
+            else:
+                out.append((first, [flat[start:end]]))
+            start = end
+        offset += p.numel()
+    return out
+
+
+def chunks_for(params: Sequence[torch.Tensor], sampler) -> list[Chunk]:
+    """The chunks `sampler` draws z in: torch-cpu, CHUNK elements per tensor piece; philox,
+    packed windows of CHUNK elements (DEVICE_CHUNK off the CPU: its numbers do not depend on
+    the chunking)."""
+    if sampler.generator != "philox":
+        return chunks(params, CHUNK)
+    on_cpu = not params or params[0].device.type == "cpu"
+    return chunks(params, CHUNK if on_cpu else DEVICE_CHUNK, pack=True)
 
 
 def chunk_seed(seed: int, index: int) -> int:
@@ -49,35 +92,78 @@ def chunk_seed(seed: int, index: int) -> int:
     return x ^ (x >> 31)
 
 
-def chunk_z(seed: int, index: int, like: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(chunk_seed(seed, index))
-    return torch.randn(like.numel(), generator=gen, dtype=like.dtype, out=out)
+GENERATORS = ("torch-cpu", "philox")  # finetune.zo.generator
+DISTRIBUTIONS = ("gaussian", "rademacher")  # finetune.zo.distribution
+CONTRACT = 1  # bump when any sampler's seed -> z mapping changes
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """Which z a seed means. Rademacher (+1 / -1, Spall's SPSA) makes theta + scale z exact in
+    the multiplication, so replays round identically on every device (with philox)."""
+
+    generator: str = "torch-cpu"
+    distribution: str = "gaussian"
+
+    def __post_init__(self):
+        if self.generator not in GENERATORS or self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown sampler {self.generator}/{self.distribution}")
+
+    @property
+    def tag(self) -> str:
+        """What checkpoints and messages record, e.g. 'philox/rademacher@1'."""
+        return f"{self.generator}/{self.distribution}@{CONTRACT}"
+
+    def draw(self, seed: int, index: int, chunk: Chunk) -> torch.Tensor:
+        """Chunk number `index` of z(seed) (chunks_for), flat, in its views' dtype and device."""
+        offset, views = chunk
+        n, like = sum(v.numel() for v in views), views[0]
+        if self.generator == "philox":
+            draw = philox.DISTRIBUTIONS[self.distribution]
+            return draw(seed, offset, n, like.device, like.dtype, out=z_buffer(n, like, philox.SLACK))
+        gen = torch.Generator().manual_seed(chunk_seed(seed, index))
+        if self.distribution == "gaussian":
+            z = torch.randn(n, generator=gen, dtype=like.dtype, out=z_buffer(n, like))
+        else:
+            data = torch.randint(0, 256, (-(-n // 8),), dtype=torch.uint8, generator=gen)
+            z = philox.signs_of_bytes(data, like.dtype, out=z_buffer(n, like, philox.SLACK))[:n]
+        return z if like.device.type == "cpu" else z.to(like.device)
+
+
+LEGACY = Sampler()  # the stream of every run before samplers were versioned
 
 
 _local = threading.local()
 
 
-def z_buffer(like: torch.Tensor) -> torch.Tensor:
-    """This thread's reusable buffer for one chunk of z. Drawing into it allocates nothing:
-    with a fresh 16 MB tensor per chunk, the allocator kept freed blocks per thread and a MeZO
-    step peaked ~10% above inference (benchmarks/memory.py); with 4 MB buffers it is ~2%."""
+def z_buffer(n: int, like: torch.Tensor, slack: int = 0) -> torch.Tensor | None:
+    """This thread's reusable buffer for n elements of z (and `slack` more) in like's dtype,
+    None off the CPU. Drawing into it allocates nothing: with a fresh 16 MB tensor per chunk,
+    the allocator kept freed blocks per thread and a MeZO step peaked ~10% above inference
+    (benchmarks/memory.py); with 4 MB buffers it is ~2%."""
+    if like.device.type != "cpu":
+        return None
     buf = getattr(_local, "buf", None)
-    if buf is None or buf.dtype != like.dtype:
-        buf = _local.buf = torch.empty(CHUNK, dtype=like.dtype)
-    return buf[:like.numel()]
+    if buf is None or buf.dtype != like.dtype or len(buf) < n + slack:
+        buf = _local.buf = torch.empty(max(CHUNK, n) + philox.SLACK, dtype=like.dtype)
+    return buf[:n + slack]
 
 
 @torch.no_grad()
-def perturb(params: Sequence[torch.Tensor], seed: int, scale: float) -> None:
-    """theta <- theta + scale * z(seed), in place, regenerating z chunk by chunk (in parallel
-    threads: torch releases the GIL, and drawing z is most of a ZO step's overhead on a CPU)."""
-    parts = chunks(params)
+def perturb(params: Sequence[torch.Tensor], seed: int, scale: float, sampler: Sampler = LEGACY) -> None:
+    """theta <- theta + scale * z(seed), in place, regenerating z chunk by chunk (on a CPU in
+    parallel threads: torch releases the GIL, and drawing z is most of a ZO step's overhead)."""
+    parts = chunks_for(params, sampler)
 
     def add(i: int) -> None:
-        parts[i].add_(chunk_z(seed, i, parts[i], out=z_buffer(parts[i])), alpha=scale)
+        z, start = sampler.draw(seed, i, parts[i]), 0
+        for view in parts[i][1]:
+            view.add_(z[start:start + view.numel()], alpha=scale)
+            start += view.numel()
 
-    if len(parts) == 1:
-        add(0)
+    if len(parts) == 1 or parts[0][1][0].device.type != "cpu":
+        for i in range(len(parts)):
+            add(i)
     else:
         list(_pool().map(add, range(len(parts))))
 
@@ -88,35 +174,35 @@ def _pool() -> ThreadPoolExecutor:
 
 
 @torch.no_grad()
-def materialize(params: Sequence[torch.Tensor], seed: int) -> torch.Tensor:
+def materialize(params: Sequence[torch.Tensor], seed: int, sampler: Sampler = LEGACY) -> torch.Tensor:
     """z(seed) as one flat vector, drawn exactly as `perturb` draws it (for small trainable
     sets only, e.g. LoRA: FwdLLM compares candidate perturbations by cosine similarity)."""
-    return torch.cat([chunk_z(seed, i, part) for i, part in enumerate(chunks(params))])
+    return torch.cat([sampler.draw(seed, i, chunk).clone() for i, chunk in enumerate(chunks_for(params, sampler))])
 
 
 @torch.no_grad()
 def projected_gradient(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed: int,
-                       eps: float) -> tuple[float, float]:
+                       eps: float, sampler: Sampler = LEGACY) -> tuple[float, float]:
     """(g, mean loss) from two forward passes at theta +/- eps z(seed); theta is restored."""
-    perturb(params, seed, eps)
+    perturb(params, seed, eps, sampler)
     loss_plus = float(loss_fn())
-    perturb(params, seed, -2 * eps)
+    perturb(params, seed, -2 * eps, sampler)
     loss_minus = float(loss_fn())
-    perturb(params, seed, eps)
+    perturb(params, seed, eps, sampler)
     return (loss_plus - loss_minus) / (2 * eps), (loss_plus + loss_minus) / 2
 
 
 @torch.no_grad()
 def step(params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed: int, eps: float,
-         lr: float) -> tuple[float, float]:
+         lr: float, sampler: Sampler = LEGACY) -> tuple[float, float]:
     """One MeZO step in three passes over the weights instead of four: the restoring +eps
     pass and the update are fused (theta += (eps - lr g) z). Returns (g, mean loss)."""
-    perturb(params, seed, eps)
+    perturb(params, seed, eps, sampler)
     loss_plus = float(loss_fn())
-    perturb(params, seed, -2 * eps)
+    perturb(params, seed, -2 * eps, sampler)
     loss_minus = float(loss_fn())
     grad = (loss_plus - loss_minus) / (2 * eps)
-    perturb(params, seed, eps - lr * grad)
+    perturb(params, seed, eps - lr * grad, sampler)
     return grad, (loss_plus + loss_minus) / 2
 
 
@@ -130,20 +216,21 @@ def decay(params: Sequence[torch.Tensor], lr: float, weight_decay: float) -> Non
 
 @torch.no_grad()
 def apply_update(params: Sequence[torch.Tensor], seed: int, grad: float, lr: float,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, sampler: Sampler = LEGACY) -> None:
     """theta <- (1 - lr * wd) * theta - lr * g * z(seed)."""
     decay(params, lr, weight_decay)
-    perturb(params, seed, -lr * grad)
+    perturb(params, seed, -lr * grad, sampler)
 
 
 @torch.no_grad()
 def replay(params: Sequence[torch.Tensor], seeds: Sequence[int], grads: Sequence[float],
-           lr: float, weight_decay: float = 0.0) -> None:
+           lr: float, weight_decay: float = 0.0, sampler: Sampler = LEGACY) -> None:
     """Apply a seed-scalar dictionary in order: how any party rebuilds the global model.
-    Same start, same pairs, same order -> bit-identical weights in any process."""
+    Same start, same pairs, same order -> bit-identical weights in any process (philox +
+    rademacher: on any device too)."""
     for seed, grad in zip(seeds, grads):
         if grad != 0.0:
-            apply_update(params, int(seed), float(grad), lr, weight_decay)
+            apply_update(params, int(seed), float(grad), lr, weight_decay, sampler)
 
 
 @torch.no_grad()

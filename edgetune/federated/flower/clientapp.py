@@ -30,7 +30,7 @@ from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 
 from edgetune.config import BadInput, FinetuneParams
-from edgetune.evaluate import peak_rss_mb
+from edgetune.devices import peak_rss_mb
 from edgetune.federated.engine import client_reply
 from edgetune.federated.flower.records import from_records, put, take, to_records, versions
 from edgetune.federated.flower.transport import HISTORY, JOB, NODE
@@ -56,7 +56,8 @@ def train(msg: FlowerMessage, context: Context) -> FlowerMessage:
         return FlowerMessage(RecordDict({NODE: ConfigRecord({"synced": 0, "dropped": True})}), reply_to=msg)
     cfg = FinetuneParams.model_validate_json(job["finetune"])
     node = node_paths(context.node_config, job)
-    method, model = worker(job["finetune"], job["task"], str(node["model"]), int(job["num_clients"]))
+    method, model = worker(job["finetune"], job["task"], str(node["model"]), int(job["num_clients"]),
+                           str(job.get("runtime", "null")))
     if method.replays_history:
         catch_up(method, model, context, msg.content, version)
     data = client_data(node["partitions"], int(job["client"]), job["task"])
@@ -95,13 +96,17 @@ def node_paths(node_config, job) -> dict[str, Path]:
 
 # --------------------------------------------------------------------------- workers and data
 @lru_cache(maxsize=1)
-def worker(finetune: str, task: str, model_dir: str, num_clients: int):
-    """(method, model) as the server and the local engine build them; one per process."""
+def worker(finetune: str, task: str, model_dir: str, num_clients: int, runtime: str = "null"):
+    """(method, model) as the server and the local engine build them, on the job's model.device
+    (a Simulation Engine actor with finetune.flower.client_gpus sees only its own GPU); one per
+    process."""
+    from edgetune.config import ModelParams
     from edgetune.federated.setup import prepare
     from edgetune.tasks import get_task
 
     cfg = FinetuneParams.model_validate_json(finetune)
-    return prepare(Path(model_dir), get_task(task), cfg, num_clients, cfg.sample_rate)
+    model = None if runtime == "null" else ModelParams.model_validate_json(runtime)
+    return prepare(Path(model_dir), get_task(task), cfg, num_clients, cfg.sample_rate, model)
 
 
 @lru_cache(maxsize=1)

@@ -31,6 +31,13 @@ class FlowerJob:
     round_timeout: float = 600.0  # seconds a round waits for replies; missing ones are dropped
     extra: dict = field(default_factory=dict)
     resume: list[str] | None = None  # resume.ResumeFolder (folder, fingerprint) the ServerApp goes on from
+    runtime: dict | None = None  # ModelParams.model_dump(mode="json"): model.device / dtype; None = CPU float32
+
+    @property
+    def model_runtime(self):
+        from edgetune.config import ModelParams
+
+        return ModelParams.model_validate(self.runtime) if self.runtime else None
 
     def resume_folder(self):
         """The stage's resume.ResumeFolder, or None."""

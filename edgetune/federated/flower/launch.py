@@ -17,10 +17,17 @@ from edgetune.federated.flower.job import FlowerJob, history_file
 
 
 def finetune_on_flower(base_dir: Path, partitions: Path, task: str, cfg: FinetuneParams, out_dir: Path,
-                       num_clients: int, resume=None) -> tuple[dict, list[RoundLog]]:
-    """`resume` (resume.ResumeFolder): the ServerApp goes on after its last saved round."""
+                       num_clients: int, resume=None, runtime=None) -> tuple[dict, list[RoundLog]]:
+    """`resume` (resume.ResumeFolder): the ServerApp goes on after its last saved round.
+    runtime (config.ModelParams): model.device / dtype of the ServerApp and every ClientApp."""
     preflight(base_dir, cfg, num_clients)
     job, path = write_job(base_dir, partitions, task, cfg, out_dir, num_clients, resume)
+    if runtime is not None:
+        from edgetune.devices import resolve
+
+        resolve(runtime.device)  # bad input here, not in every ClientApp
+        job.runtime = runtime.model_dump(mode="json")
+        job.write(path)
     with ExitStack() as stack:
         home = open_federation(stack, job, path, partitions, cfg)
         run_job(home, path, cfg, num_clients)
@@ -51,7 +58,7 @@ def run_job(home: Path | None, path: Path, cfg: FinetuneParams, num_clients: int
     from edgetune.federated.flower.simulation import simulate
 
     if cfg.flower.simulation:
-        simulate(path, num_clients, cfg.flower.client_cpus)
+        simulate(path, num_clients, cfg.flower.client_cpus, cfg.flower.client_gpus)
         return {}
     return submit(home, path, run_timeout(cfg))
 

@@ -31,14 +31,15 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def serve(grid, job: FlowerJob) -> None:
-    from edgetune.evaluate import peak_rss_mb
+    from edgetune.devices import peak_rss_mb
     from edgetune.federated.engine import run_federation
     from edgetune.federated.flower.transport import FlowerClients
     from edgetune.federated.setup import engine_options, prepare
     from edgetune.tasks import get_task
 
     cfg = job.params
-    method, model = prepare(Path(job.model), get_task(job.task), cfg, job.num_clients, cfg.sample_rate)
+    method, model = prepare(Path(job.model), get_task(job.task), cfg, job.num_clients, cfg.sample_rate,
+                            job.model_runtime)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     clients = FlowerClients(grid, job, method)
     out = Path(job.out)

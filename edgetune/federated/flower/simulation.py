@@ -17,7 +17,7 @@ from edgetune.config import RunFailed
 from edgetune.federated.flower.job import JOB_ENV
 
 
-def simulate(job: Path, num_clients: int, client_cpus: float) -> None:
+def simulate(job: Path, num_clients: int, client_cpus: float, client_gpus: float = 0.0) -> None:
     """Run the job's federation with `num_clients` virtual SuperNodes (Ray must be installed:
     launch.preflight checks); raises RunFailed if the ServerApp fails."""
     from flwr.simulation import run_simulation
@@ -30,7 +30,7 @@ def simulate(job: Path, num_clients: int, client_cpus: float) -> None:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     try:
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=num_clients,
-                       backend_config={"client_resources": {"num_cpus": client_cpus},
+                       backend_config={"client_resources": {"num_cpus": client_cpus, "num_gpus": client_gpus},
                                        "init_args": {"include_dashboard": False, "log_to_driver": False}})
     except RuntimeError as e:
         cause = e.__cause__ or e

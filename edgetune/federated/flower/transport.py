@@ -112,6 +112,7 @@ class FlowerClients:
         history = catchup_records(self.broadcasts, self.missed(node, version))
         job = ConfigRecord({"client": cid, "round": round_, "task": self.job.task, "drop": drop,
                             "finetune": json.dumps(self.job.finetune, sort_keys=True),
+                            "runtime": json.dumps(self.job.runtime, sort_keys=True),
                             "num_clients": self.job.num_clients,
                             **{k: v for k, v in self.job.extra.items() if k.startswith("sim_")}})
         msg = FlowerMessage(to_records(broadcast, **{JOB: job}, **history), dst_node_id=node,

@@ -25,6 +25,7 @@ class FederatedMethod(ABC):
     centralized = False  # True: one client holds all the data (e.g. mezo)
     replays_history = False  # True: a client rebuilds the global model from every broadcast so far
     privacy = None  # privacy.GaussianMechanism when finetune.dp is on (set by setup.prepare)
+    precision = None  # devices.MixedPrecision of a backprop method (set by setup.prepare)
 
     def __init__(self, cfg: FinetuneParams, tok, objective):
         self.cfg = cfg

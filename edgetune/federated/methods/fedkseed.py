@@ -50,7 +50,7 @@ class FedKSeed(SeedScalarMethod):
         tensors = {"scalars": state["history"][-1] if version else torch.zeros(0)}
         if self.pro:
             tensors["probs"] = self.probabilities(state).half()
-        return Message(tensors, {"round": version})
+        return self.stamp(Message(tensors, {"round": version}))
 
     def probabilities(self, state) -> torch.Tensor:
         history = state["history"]
@@ -72,6 +72,8 @@ class FedKSeed(SeedScalarMethod):
                        {"num_samples": len(data), "loss": loss})
 
     def aggregate(self, state, replies):
+        for r in replies:
+            self.check(r.meta.get("zo"), "a client's reply")
         scalars = torch.zeros(len(self.candidates))
         if self.privacy:  # clipped, summed, noised on every candidate, / planned clients (privacy.py)
             vectors = [{"s": scalars.index_add(0, r.tensors["index"].long(), r.tensors["grads"])} for r in replies]

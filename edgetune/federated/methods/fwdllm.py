@@ -44,13 +44,13 @@ class FwdLLM(JOB):
     def set_direction(self, down) -> None:
         """The search direction: the sum of the last round's global (seed, scalar) pairs."""
         seeds, grads = self.pairs_to_replay(down)
-        self.direction = sum(g * zo.materialize(self.params, s) for s, g in zip(seeds, grads))
+        self.direction = sum(g * zo.materialize(self.params, s, self.sampler) for s, g in zip(seeds, grads))
 
     def pick(self, candidate_seeds: list[int]) -> int:
         if not isinstance(self.direction, torch.Tensor):
             return candidate_seeds[0]
         d = self.direction
-        score = [abs(torch.nn.functional.cosine_similarity(zo.materialize(self.params, s), d, dim=0))
+        score = [abs(torch.nn.functional.cosine_similarity(zo.materialize(self.params, s, self.sampler), d, dim=0))
                  for s in candidate_seeds]
         return candidate_seeds[int(torch.stack(score).argmax())]
 
@@ -67,13 +67,14 @@ class FwdLLM(JOB):
                 chosen = [self.pick([job_seed(self.cfg.seed, playing, data.client_id,
                                               (step * max_n + p) * c + k) for k in range(c)])
                           for p in range(n)]
-                estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo.eps) for s in chosen]
+                estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo.eps, self.sampler)
+                             for s in chosen]
                 for s, (g, _) in zip(chosen, estimates):  # the step: mean of the n estimates
-                    zo.apply_update(self.params, s, g / n, self.cfg.zo.lr, self.cfg.weight_decay)
+                    zo.apply_update(self.params, s, g / n, self.cfg.zo.lr, self.cfg.weight_decay, self.sampler)
                 seeds += chosen
                 grads += [g / n for g, _ in estimates]
                 losses += [loss for _, loss in estimates]
-        return self.reply(seeds, grads, data, sum(losses) / len(losses))
+        return self.stamp(self.reply(seeds, grads, data, sum(losses) / len(losses)))
 
     def client_seeds(self, down, data, rng):  # unused: client_update picks seeds per step
         raise NotImplementedError

@@ -31,8 +31,8 @@ class JOB(SeedScalarMethod):
     def downlink(self, state):
         version = int(state["round"][0])
         new = state["round_of"] == version
-        return Message({"seeds": state["seeds"][new], "grads": state["grads"][new]},
-                       {"round": version})
+        return self.stamp(Message({"seeds": state["seeds"][new], "grads": state["grads"][new]},
+                                  {"round": version}))
 
     def client_seeds(self, down, data, rng):
         playing = int(down.meta["round"]) + 1
@@ -46,6 +46,8 @@ class JOB(SeedScalarMethod):
 
     def aggregate(self, state, replies):
         version = int(state["round"][0]) + 1
+        for r in replies:
+            self.check(r.meta.get("zo"), "a client's reply")
         seeds = torch.cat([r.tensors["seeds"] for r in replies])
         # FedAvg of the clients' updates: each client's scalars scaled by its sample share.
         # clipped_mean (finetune.aggregation): each client's scalars first clipped to norm tau.

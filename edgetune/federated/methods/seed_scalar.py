@@ -7,6 +7,11 @@ weights: the first client of a round replays the broadcast pairs onto it (`sync`
 snapshots the trainable weights before its local steps and copies them back afterwards, so
 the next client starts from exactly the same global weights.
 
+Every pair means z drawn by this run's sampler (finetune.zo.generator x distribution): its tag
+rides in the checkpoint and, unless it is the original torch-cpu/gaussian stream, in every
+message's meta "zo"; a party that meets another tag (or none where one is due) stops rather than
+replay the pairs into other weights.
+
 Subclasses say how seeds are chosen (`client_seeds`), what the server keeps and broadcasts
 (`aggregate`, `downlink`) and how a broadcast becomes pairs to replay (`pairs_to_replay`).
 """
@@ -17,7 +22,7 @@ from abc import abstractmethod
 
 import torch
 
-from edgetune.config import BadInput
+from edgetune.config import BadInput, RunFailed
 from edgetune.federated import zo
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
@@ -34,11 +39,28 @@ class SeedScalarMethod(FederatedMethod):
         model.eval()  # ZO needs no dropout noise between the +eps and -eps passes
         self.params = zo.trainable(model)
         self.model_round = 0  # the round whose global weights the model holds
+        self.sampler = zo.Sampler(self.cfg.zo.generator, self.cfg.zo.distribution)
         return model
+
+    # ----------------------------------------------------------------- which z a seed means
+    def stamp(self, msg: Message) -> Message:
+        """The sampler's tag in the message's meta; none for the original stream, so the
+        default's messages (and their metered bytes) are as they were."""
+        if self.sampler != zo.LEGACY:
+            msg.meta["zo"] = self.sampler.tag
+        return msg
+
+    def check(self, tag: str | None, what: str) -> None:
+        """Stop if `what` was made by another sampler than this run's (no tag: the original)."""
+        if (tag or zo.LEGACY.tag) != self.sampler.tag:
+            raise RunFailed(f"{what} was made with z sampler {tag or zo.LEGACY.tag}, this run uses "
+                            f"{self.sampler.tag} (finetune.zo.generator / distribution): its seeds "
+                            "would replay into other weights")
 
     # ----------------------------------------------------------------- client side
     def sync(self, model, down: Message) -> None:
         """Bring the shared model from round t-1 to round t by replaying the broadcast."""
+        self.check(down.meta.get("zo"), "the broadcast")
         target = int(down.meta["round"])
         if target == self.model_round:
             return
@@ -46,7 +68,7 @@ class SeedScalarMethod(FederatedMethod):
             raise RuntimeError(f"client at round {self.model_round} got round {target}: "
                                "replay the dictionary history (rebuild) to catch up")
         seeds, grads = self.pairs_to_replay(down)
-        zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
+        zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay, self.sampler)
         self.model_round = target
 
     @torch.no_grad()
@@ -61,16 +83,17 @@ class SeedScalarMethod(FederatedMethod):
                 loss_fn = lambda: self.objective.loss(model, batch)
                 step_seeds = seeds[step * n:(step + 1) * n]
                 if n == 1:  # plain MeZO: the fused step
-                    g, loss = zo.step(self.params, loss_fn, step_seeds[0], eps, lr)
+                    g, loss = zo.step(self.params, loss_fn, step_seeds[0], eps, lr, self.sampler)
                     estimates = [(g, loss)]
                 else:  # n-SPSA: n estimates on the same batch, then their mean as one step
-                    estimates = [zo.projected_gradient(self.params, loss_fn, s, eps) for s in step_seeds]
+                    estimates = [zo.projected_gradient(self.params, loss_fn, s, eps, self.sampler)
+                                 for s in step_seeds]
                     for s, (g, _) in zip(step_seeds, estimates):
-                        zo.apply_update(self.params, s, g / n, lr)
+                        zo.apply_update(self.params, s, g / n, lr, sampler=self.sampler)
                 zo.decay(self.params, lr, self.cfg.weight_decay)
                 grads += [g / n for g, _ in estimates]
                 losses += [loss for _, loss in estimates]
-        return self.reply(seeds, grads, data, sum(losses) / len(losses))
+        return self.stamp(self.reply(seeds, grads, data, sum(losses) / len(losses)))
 
     # ----------------------------------------------------------------- method specifics
     @abstractmethod
@@ -95,10 +118,15 @@ class SeedScalarMethod(FederatedMethod):
         weights; all of it onto the initial weights (a late joiner's catch-up, or an evaluator
         that never trained). Bit-identical to the synced model."""
         for seeds, grads in self.history(state)[start:]:
-            zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay)
+            zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay, self.sampler)
+
+    def checkpoint_state(self) -> dict:
+        return {**super().checkpoint_state(), "zo": self.sampler.tag}
 
     def restore(self, model, state, saved) -> None:
-        """The shared model back at the saved round's global weights."""
+        """The shared model back at the saved round's global weights (a checkpoint without a
+        sampler tag was written before there was a choice: torch-cpu/gaussian)."""
+        self.check(saved.get("zo"), "the checkpoint")
         super().restore(model, state, saved)
         self.rebuild(model, state)
         self.model_round = int(self.downlink(state).meta["round"])

@@ -13,6 +13,8 @@ overwritten by what it was sent (`load`), as a device holding the pretrained mod
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from edgetune.federated.aggregation import mean_per_key, robust_blocks
@@ -69,13 +71,18 @@ class WeightMethod(FederatedMethod):
             p.requires_grad_(False)
         model.train()
         opt = torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
+        mixed = self.precision if self.precision and self.precision.enabled else None  # model.dtype
         losses = []
         try:
             for _ in range(self.cfg.local_steps):
-                loss = self.loss(model, *sample_batch(data, self.cfg.batch_size, rng))
+                with mixed.autocast() if mixed else nullcontext():
+                    loss = self.loss(model, *sample_batch(data, self.cfg.batch_size, rng))
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if mixed:  # bf16 / fp16 autocast; fp16 with a GradScaler
+                    mixed.step(loss, opt)
+                else:
+                    loss.backward()
+                    opt.step()
                 losses.append(loss.item())
         finally:  # also when the client fails: the next one finds the model as it was
             for p in frozen:
