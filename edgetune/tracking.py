@@ -307,10 +307,11 @@ MODEL_SECTIONS = {  # the params that made a model of each role, logged with it
 def log_model(role: str, folder: str, metrics: dict, params: Params, eval_data: str) -> str:
     """Log a model the pipeline made (role: zero-shot, fine-tuned or compressed) as an MLflow
     logged model: no weights copied, its `edgetune.folder` tag names the DVC-tracked folder;
+    its source run is the pipeline's parent run (so the runs table's Models column lists it);
     its params are the knobs that made it and its metrics (linked to the eval dataset) are
     logged by a nested run "<role> model" of the current stage run, under their plain names
     (accuracy, size_mb, ...) so the Models view compares models across runs. The stage run and
-    the pipeline's parent run list it as an output (the runs table's Models column)."""
+    the parent run also list it as an output."""
     import mlflow
     from mlflow.entities import LoggedModelOutput
 
@@ -320,7 +321,8 @@ def log_model(role: str, folder: str, metrics: dict, params: Params, eval_data: 
         tags["edgetune.dvc_exp"] = os.environ[DVC_EXP_ENV]
     sections = MODEL_SECTIONS.get(role, MODEL_SECTIONS["compressed"])
     knobs = {k: str(v)[:6000] for k, v in flatten(params).items() if k.startswith(sections)}
-    model = mlflow.create_external_model(name=role.replace("-", "_"), source_run_id=run.info.run_id,
+    pipeline_run = run.data.tags.get("mlflow.parentRunId") or run.info.run_id  # the UI's Models column
+    model = mlflow.create_external_model(name=role.replace("-", "_"), source_run_id=pipeline_run,
                                          params=knobs, tags=tags, model_type="causal-lm")
     eval_set = dataset(eval_data, f"{params.data.task}-eval")
     with mlflow.start_run(run_name=f"{role} model", nested=True, tags={"edgetune.model": role}):

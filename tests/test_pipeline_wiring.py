@@ -76,7 +76,7 @@ def test_runs_are_named_and_know_their_data_and_models(project):
     inputs = {(d.dataset.name, d.tags[0].value) for d in parent.inputs.dataset_inputs}
     assert inputs == {("sst2-train", "training"), ("sst2-eval", "evaluation"), ("sst2-partitions", "training")}
     models = client.search_logged_models([experiment.experiment_id])
-    ours = {m.model_id: m for m in models if m.source_run_id in {r.info.run_id for r in children}}
+    ours = {m.model_id: m for m in models if m.source_run_id == parent.info.run_id}
     assert sorted(m.name for m in ours.values()) == ["compressed", "fine_tuned", "zero_shot"]
     assert {o.model_id for o in parent.outputs.model_outputs} == set(ours)
     for m in ours.values():
