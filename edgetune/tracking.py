@@ -18,7 +18,6 @@ MLFLOW_TRACKING_URI wins.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -186,11 +185,11 @@ def dvc_experiment_parent(mlflow, params: Params) -> str | None:
     return run.info.run_id
 
 
-def finish_dvc_parent(mlflow, parent_id: str, failed: bool) -> None:
+def finish_dvc_parent(mlflow, parent_id: str, task: str, failed: bool) -> None:
     """After a stage of a DVC experiment: the parent gets the headline metrics and datasets
     so far, and ends FAILED if this stage failed."""
     client = mlflow.MlflowClient()
-    log_pipeline_datasets(client, parent_id)
+    log_pipeline_datasets(client, parent_id, task)
     metrics = headline_metrics(Path("metrics"))
     if metrics:
         from mlflow.entities import Metric
@@ -216,7 +215,7 @@ def stage_run(stage: str, params: Params, logged: dict[str, object]):
             failed = False
     finally:
         if dvc_parent:
-            finish_dvc_parent(mlflow, dvc_parent, failed)
+            finish_dvc_parent(mlflow, dvc_parent, params.data.task, failed)
 
 
 def dataset(path: str | Path, name: str):
@@ -251,13 +250,7 @@ def log_datasets(client, run_id: str, datasets: dict[str, tuple[str, str]], task
         client.log_inputs(run_id, inputs)
 
 
-def log_pipeline_datasets(client, run_id: str) -> None:
-    from edgetune.config import load_params
-
-    try:
-        task = load_params().data.task
-    except BadInput:
-        task = "data"
+def log_pipeline_datasets(client, run_id: str, task: str) -> None:
     log_datasets(client, run_id, DATASETS, task)
 
 

@@ -126,7 +126,7 @@ def build_flow():
             finally:
                 os.environ.pop(tracking.PARENT_ENV, None)
             mlflow.log_metrics(tracking.headline_metrics(Path("metrics")))
-            tracking.log_pipeline_datasets(mlflow.MlflowClient(), parent.info.run_id)
+            tracking.log_pipeline_datasets(mlflow.MlflowClient(), parent.info.run_id, params.data.task)
             mlflow.set_tag("edgetune.cached_stages",
                            ",".join(s for s, o in outcomes.items() if o == "cached") or "none")
         logger.info("stages: %s", ", ".join(f"{s}={o}" for s, o in outcomes.items()))
