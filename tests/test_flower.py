@@ -79,6 +79,21 @@ def test_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_model_
     assert (tmp_path / "flower" / "merged" / "config.json").is_file()
 
 
+def test_loopback_processes_allow_late_heartbeats():
+    """On a busy machine a task's heartbeat may come late: the SuperLink and SuperNodes started
+    on loopback start as Flower's own CLIs but fail a task only after LOOPBACK_PATIENCE x 30 s."""
+    from edgetune.federated.flower.deploy import LOOPBACK_PATIENCE, patient_command
+
+    for executable in ("flower-superlink", "flower-supernode"):
+        cmd = patient_command([executable, "--help"])
+        shown = subprocess.run(cmd, capture_output=True, text=True)
+        assert shown.returncode == 0 and f"usage: {executable}" in shown.stdout
+    patch = cmd[2].split("; from ")[0]
+    probe = subprocess.run([sys.executable, "-c", patch + "; from flwr.supercore.corestate import sql_corestate as s; "
+                            "print(s.HEARTBEAT_PATIENCE * s.HEARTBEAT_DEFAULT_INTERVAL)"], capture_output=True, text=True)
+    assert int(probe.stdout) == LOOPBACK_PATIENCE * 30 >= 300
+
+
 def test_fedit_through_the_prefect_federation_flow_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
     import mlflow
 

@@ -30,6 +30,13 @@ from edgetune.config import RunFailed
 APP_DIR = Path(__file__).parent / "app"
 BIN = Path(sys.executable).parent  # the venv's flwr, flower-superlink, flower-supernode
 CONNECTION = "edgetune"
+# Flower fails a ServerApp / ClientApp task whose heartbeat (every ~20 s) is missing for
+# HEARTBEAT_PATIENCE x 30 s = 60 s. Loopback federations share a few cores with everything else
+# on the machine (a 2-core CI runner failed a run that way), so the processes
+# started here allow LOOPBACK_PATIENCE x 30 s; a federation across machines keeps Flower's default.
+LOOPBACK_PATIENCE = 10
+ENTRY_POINTS = {"flower-superlink": "flwr.superlink.cli:flower_superlink",
+                "flower-supernode": "flwr.supernode.cli:flower_supernode"}
 
 
 def flower_env(home: Path) -> dict[str, str]:
@@ -115,7 +122,7 @@ class LoopbackFederation:
 
     def spawn(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.folder / "logs" / f"{name}.log", "w")
-        self.procs.append(subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], env={**flower_env(self.home), **(env or {})},
+        self.procs.append(subprocess.Popen(patient_command(cmd), env={**flower_env(self.home), **(env or {})},
                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                            cwd=self.folder))
 
@@ -131,6 +138,15 @@ class LoopbackFederation:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         self.procs.clear()
+
+
+def patient_command(cmd: list[str]) -> list[str]:
+    """`cmd` (a Flower executable and its arguments) as `python -c`, with Flower's heartbeat
+    patience raised to LOOPBACK_PATIENCE before any of Flower's modules read it."""
+    module, function = ENTRY_POINTS[cmd[0]].split(":")
+    code = (f"import sys, flwr.common.constant as c; c.HEARTBEAT_PATIENCE = {LOOPBACK_PATIENCE}; "
+            f"from {module} import {function}; sys.argv[0] = {cmd[0]!r}; sys.exit({function}())")
+    return [sys.executable, "-c", code, *cmd[1:]]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
