@@ -20,7 +20,7 @@ endif
 .PHONY: setup setup-dev run test test-fast check mlflow-ui prefect-ui clean
 
 # What `make run` needs; the test tools and Flower's Simulation Engine (Ray, 220 MB) come with
-# the first `make test` / `make test-fast`.
+# the first `make test` / `make test-fast`, and so does llama.cpp for the export stage ([deploy]).
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -30,7 +30,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress,simulation]"
+	# [deploy] builds llama.cpp (llama-cpp-python) from source: minutes, once per pip cache.
+	CMAKE_ARGS="$${CMAKE_ARGS:--DGGML_NATIVE=OFF}" $(BIN)/python -m pip install -q -c constraints.txt -e ".[dev,compress,simulation,deploy]"
 	touch $@
 
 setup: $(VENV)/.installed

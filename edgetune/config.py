@@ -505,6 +505,26 @@ class EvaluateParams(Section):
     threads: int | None = Field(None, ge=1, description="torch threads (null = torch default)")
 
 
+# --------------------------------------------------------------------------- export
+class ExportParams(Section):
+    formats: list[str] = Field(
+        default_factory=list,
+        description="edge-runtime files written from the compressed model, e.g. [gguf-q8_0, gguf-q4_0] "
+                    "(edgetune/export/__init__.py FORMATS; [] = none)")
+
+    @field_validator("formats")
+    @classmethod
+    def _registered(cls, v: list[str]) -> list[str]:
+        from edgetune.export import FORMATS, unknown_format_error
+
+        for name in v:
+            if name not in FORMATS:
+                raise ValueError(unknown_format_error(name))
+        if len(set(v)) != len(v):
+            raise ValueError(f"export.formats: {v} names a format twice")
+        return v
+
+
 # --------------------------------------------------------------------------- tracking
 class TrackingParams(Section):
     experiment: str = Field("edgetune-sst2", min_length=1, description="MLflow experiment name")
@@ -517,6 +537,7 @@ class Params(Section):
     finetune: FinetuneParams = FinetuneParams()
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")
@@ -534,6 +555,16 @@ class Params(Section):
         if ft.aggregation.rule == "krum" and k < 2 * f + 3:
             raise ValueError(f"finetune.aggregation.krum_f: {f} needs at least 2 krum_f + 3 = {2 * f + 3} "
                              f"clients per round, a round samples {k} ({why})")
+        return self
+
+    @model_validator(mode="after")
+    def _exportable(self):
+        from edgetune.export import NOT_EXPORTABLE
+
+        trained = self.finetune.trainable_set
+        if self.export.formats and trained in NOT_EXPORTABLE:
+            raise ValueError(f"export.formats: finetune.method {self.finetune.method} trains {trained}: "
+                             f"{NOT_EXPORTABLE[trained]}; set export.formats: [] or fine-tune another set")
         return self
 
     @field_validator("model")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -294,6 +295,7 @@ MODEL_SECTIONS = {  # the params that made a model of each role, logged with it
     "zero-shot": ("model.", "data.", "evaluate."),
     "fine-tuned": ("model.", "data.", "partition.", "finetune.", "evaluate."),
     "compressed": ("model.", "data.", "partition.", "finetune.", "compress.", "evaluate."),
+    "exported": ("model.", "data.", "partition.", "finetune.", "compress.", "export.", "evaluate."),
 }
 
 
@@ -312,10 +314,10 @@ def log_model(role: str, folder: str, metrics: dict, params: Params, eval_data: 
     tags = {"edgetune.folder": folder, "edgetune.role": role, "mlflow.source.git.commit": git_commit()}
     if os.environ.get(DVC_EXP_ENV):
         tags["edgetune.dvc_exp"] = os.environ[DVC_EXP_ENV]
-    sections = MODEL_SECTIONS.get(role, MODEL_SECTIONS["compressed"])
+    sections = MODEL_SECTIONS.get(role.split(" ")[0], MODEL_SECTIONS["compressed"])
     knobs = {k: str(v)[:6000] for k, v in flatten(params).items() if k.startswith(sections)}
     pipeline_run = run.data.tags.get("mlflow.parentRunId") or run.info.run_id  # the UI's Models column
-    model = mlflow.create_external_model(name=role.replace("-", "_"), source_run_id=pipeline_run,
+    model = mlflow.create_external_model(name=re.sub(r"[- ]", "_", role), source_run_id=pipeline_run,
                                          params=knobs, tags=tags, model_type="causal-lm")
     eval_set = dataset(eval_data, f"{params.data.task}-eval")
     with mlflow.start_run(run_name=f"{role} model", nested=True, tags={"edgetune.model": role}):

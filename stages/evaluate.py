@@ -47,6 +47,17 @@ def measured_by_compress(path: str | None, compressed: str | None, params) -> di
     return {k: v for k, v in last.items() if k not in ("method", "seconds")} | {"measured_by": "compress"}
 
 
+def exported_files(folder: str | None, formats: list[str]) -> dict[str, Path]:
+    """{format: its GGUF} for every export.formats entry; BadInput if the export stage left none."""
+    if not (folder and formats):
+        return {}
+    files = {fmt: Path(folder) / fmt / "model.gguf" for fmt in formats}
+    missing = [str(f) for f in files.values() if not f.is_file()]
+    if missing:
+        raise BadInput(f"{missing[0]}: not found (export.formats names it; re-run the export stage)")
+    return files
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared data folder")
@@ -55,16 +66,19 @@ def main(argv=None):
     p.add_argument("--zero-shot", help="the zeroshot stage's metrics (reported as 'base')")
     p.add_argument("--compress-metrics", help="the compress stage's metrics (its last step's "
                    "measurement stands for the 'compressed' model)")
+    p.add_argument("--exported", help="the export stage's folder: each <format>/model.gguf is scored "
+                   "inside its runtime (llama.cpp)")
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
     models = named_models(args.model)
     folders = dict(models)
-    inputs = [args.data, *models.values(), *filter(None, [args.zero_shot, args.compress_metrics])]
+    inputs = [args.data, *models.values(), *filter(None, [args.zero_shot, args.compress_metrics, args.exported])]
     with stage("evaluate", args.params, inputs, [args.metrics]) as (params, _):
         from edgetune.evaluate import check_inputs, evaluate_isolated
         from edgetune.tracking import log_model
 
         check_inputs(args.data, models.values())
+        exported = exported_files(args.exported, params.export.formats)
         results = {"base": read_json(args.zero_shot, "zeroshot")} if args.zero_shot else {}
         if not params.compress.steps and {"compressed", "finetuned"} <= models.keys():
             models.pop("compressed")  # no compression step: the folder is a copy, measure it once
@@ -80,11 +94,18 @@ def main(argv=None):
                                               runtime=params.model)
         if copy_of:
             results["compressed"] = results[copy_of]
+        for fmt, path in exported.items():
+            from edgetune.export.llamacpp import score_isolated
+
+            results[fmt] = {**score_isolated(str(path), args.data, params.data.task, params.evaluate, fmt),
+                            "runtime": "llama.cpp"}
         if "base" in results and "finetuned" in results:
             results["gain_over_zero_shot"] = results["finetuned"]["score"] - results["base"]["score"]
         write_metrics(args.metrics, results)
         for name, folder in folders.items():
             log_model(ROLES.get(name, name), folder, results[name], params, f"{args.data}/eval.parquet")
+        for fmt, path in exported.items():
+            log_model(f"exported {fmt}", str(path.parent), results[fmt], params, f"{args.data}/eval.parquet")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ ARGS = {
     "compress": {"--model": "model", "--data": "data", "--calibration": "calib", "--out": "out",
                  "--metrics": "metrics.json"},
     "evaluate": {"--data": "data", "--model": "base=model", "--metrics": "metrics.json"},
+    "export": {"--model": "model", "--out": "out", "--metrics": "metrics.json"},
 }
 OUTPUT_FLAGS = ("--out", "--plot", "--plots", "--metrics")
 
@@ -266,6 +267,21 @@ CASES = [
          {"finetune": {"backend": "flower", "flower": {"superlink": "127.0.0.1:9"}}}, HF_MODEL_AND_ONE_CLIENT),
     Case("flower-model-not-hf-folder", "finetune", "{tmp}/model", key("finetune.backend", "flower"),
          both(folders("model"), parquet("partitions/client_0000.parquet"))),
+    # ------------------------------------------------------------------ export to edge runtimes
+    Case("params-export-unknown-format", "export", "export.formats: unknown format 'gguf-q3'",
+         key("export.formats", ["gguf-q3"])),
+    Case("params-export-prefix-tuned", "export", ("export.formats: finetune.method fedpeptao trains prefix",
+                                                  "a GGUF model cannot hold"),
+         {"finetune": {"method": "fedpeptao"}, "export": {"formats": ["gguf-q8_0"]}}),
+    Case("params-export-prompt-tuned-zo", "finetune", "export.formats: finetune.method fedkseed trains prompt",
+         {"finetune": {"method": "fedkseed", "trainable": "prompt"}, "export": {"formats": ["gguf-q4_0"]}}),
+    Case("model-export-not-hf-folder", "export", "{tmp}/model", key("export.formats", ["gguf-q8_0"]),
+         folders("model")),
+    Case("evaluate-export-file-missing", "evaluate", "{tmp}/exported/gguf-q8_0/model.gguf: not found",
+         key("export.formats", ["gguf-q8_0"]),
+         both(text("model/config.json", "{}"), parquet("data/eval.parquet"), text("data/wikitext2_test.txt"),
+              folders("exported")),
+         args={"--exported": "exported"}),
     # ------------------------------------------------------------------ outputs
     Case("outputs-parent-is-a-file", "model", "{tmp}/blocker", args={"--out": "blocker/base"}, setup=BLOCKER),
     Case("outputs-metrics-parent-is-a-file", "prepare", "{tmp}/blocker", MIRROR, both(mirror(), BLOCKER),

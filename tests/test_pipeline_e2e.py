@@ -31,7 +31,7 @@ SMALL = {
     "evaluate": {"ppl_windows": 2, "ppl_seq_len": 128, "latency_new_tokens": 4},
     "tracking": {"experiment": "e2e"},
 }
-STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "zeroshot", "evaluate"}
+STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "export", "zeroshot", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_switching_to_prefix_tuning_runs_end_to_end_and_reloads(project):
     try:
         rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
         assert rc == 0, output[-4000:]
-        assert ran_stages(output) == {"finetune", "compress", "evaluate"}
+        assert ran_stages(output) == {"finetune", "compress", "export", "evaluate"}
         ft = json.loads((root / "metrics" / "finetune.json").read_text())
         assert ft["trainable_set"] == "prefix" and ft["bytes_up_per_client_round"] < 500_000
         ev = json.loads((root / "metrics" / "evaluate.json").read_text())
@@ -134,7 +134,7 @@ def test_a_compression_chain_reruns_compress_only_and_reloads(project):
     try:
         rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
         assert rc == 0, output[-4000:]
-        assert ran_stages(output) == {"compress", "evaluate"}
+        assert ran_stages(output) == {"compress", "export", "evaluate"}
         steps = json.loads((root / "metrics" / "compress.json").read_text())["steps"]
         pruned, quantized = steps["0_structural"], steps["1_rtn"]
         assert pruned["params_removed_share"] == pytest.approx(0.2, abs=0.01)

@@ -12,7 +12,7 @@ import pytest
 
 from tests.pipeline_project import make_project, mlflow_runs, ran_stages, run, set_params
 
-STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "zeroshot", "evaluate"}
+STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "export", "zeroshot", "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +103,10 @@ def test_a_finetune_knob_reruns_only_finetune_and_what_follows(project):
     try:
         rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
         assert rc == 0, output[-4000:]
-        assert ran_stages(output) == {"finetune", "compress", "evaluate"}
+        assert ran_stages(output) == {"finetune", "compress", "export", "evaluate"}
         parent, children, runs = parent_and_children(root)
         cached = {r.data.tags["edgetune.stage"] for r in children if r.data.tags["edgetune.cached"] == "true"}
-        assert cached == STAGES - {"finetune", "compress", "evaluate"} and len(children) == len(STAGES)
+        assert cached == STAGES - {"finetune", "compress", "export", "evaluate"} and len(children) == len(STAGES)
         assert parent.data.params["finetune.lr"] == "0.002" and "accuracy_finetuned" in parent.data.metrics
         assert all(r.info.status == "FINISHED" for r in runs)
     finally:

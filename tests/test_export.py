@@ -1,0 +1,103 @@
+"""Export to llama.cpp (issue 21): the GGUF files the export stage writes open in llama.cpp,
+tokenize as transformers does, and score as the torch model does; quantized torch folders are
+dequantized first; a failed export leaves nothing for DVC to take."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("llama_cpp", reason="pip install 'edgetune[deploy]' (make setup-dev installs it)")
+
+from edgetune.export import llamacpp  # noqa: E402
+from edgetune.export.gguf import export_gguf, float_copy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("export") / "exported"
+    return out, export_gguf(tiny_model_dir, ["gguf-f16", "gguf-q8_0"], out, threads=2)
+
+
+@pytest.fixture(scope="module")
+def torch_model(tiny_model_dir):
+    from edgetune.models import load_hf
+
+    return load_hf(tiny_model_dir)
+
+
+def test_gguf_files_are_llama_models_with_smollm2s_tokenizer(exported, torch_model):
+    from gguf import GGUFReader
+
+    out, records = exported
+    assert set(records) == {"gguf-f16", "gguf-q8_0"}
+    assert records["gguf-q8_0"]["size_mb"] < 0.7 * records["gguf-f16"]["size_mb"]  # 8.5 vs 16 bits, f32 norms aside
+    fields = GGUFReader(str(out / "gguf-q8_0" / "model.gguf")).fields
+    value = {k: fields[k].contents() for k in ("general.architecture", "tokenizer.ggml.model",
+                                               "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id")}
+    model, _ = torch_model
+    assert value == {"general.architecture": "llama", "tokenizer.ggml.model": "gpt2",
+                     "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.eos_token_id": model.generation_config.eos_token_id}
+
+
+def test_llama_cpp_tokenizes_real_prompts_as_transformers(exported, torch_model, sst2_prompts):
+    _, tok = torch_model
+    llm = llamacpp.open_gguf(exported[0] / "gguf-f16" / "model.gguf", 256, 2)
+    prompts = sst2_prompts[0][:100] + ["<|im_start|>user\nWie geht's? — ünïcode 123<|im_end|>\n"]
+    for prompt in prompts:
+        assert llamacpp.tokens(llm, prompt) == tok(prompt).input_ids, prompt
+
+
+def test_llama_cpp_logits_and_perplexity_match_torch(exported, torch_model, sst2_prompts):
+    """The f16 file's next-token logits track the fp32 torch model's (f16 rounding only), and
+    its perplexity on the same windows is the torch perplexity to within 1%."""
+    import torch
+
+    from edgetune.evaluate import perplexity
+
+    model, tok = torch_model
+    path = exported[0] / "gguf-f16" / "model.gguf"
+    llm = llamacpp.open_gguf(path, 256, 2)
+    for prompt in sst2_prompts[0][:5]:
+        ids = tok(prompt).input_ids
+        with torch.no_grad():
+            ref = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
+        got = llamacpp.last_logits(llm, ids)
+        assert np.corrcoef(ref, got)[0, 1] > 0.999
+        assert np.abs(ref - got).max() < 0.05 * np.abs(ref).max() + 1e-3
+    text = " ".join(sst2_prompts[0][:200])
+    ours = llamacpp.perplexity(path, text, 4, 64, 2)
+    theirs = perplexity(model, tok, text, 4, 64)
+    assert math.isfinite(ours) and abs(ours / theirs - 1) < 0.01, (ours, theirs)
+
+
+def test_a_torchao_int8_folder_is_dequantized_for_the_converter(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from edgetune.compress.quantize import int8_weight_only
+
+    int8_weight_only(tiny_model_dir, tmp_path / "int8", step=None)
+    changes = float_copy(tmp_path / "int8", tmp_path / "float")
+    assert changes["source_quantization"] == "torchao"
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(tmp_path / "float" / "model.safetensors")
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert after[name].dtype == before[name].dtype
+    error = (after[name] - before[name]).abs().max() / before[name].abs().max()
+    assert 0 < error < 1 / 127  # int8 rounding, within one step of the per-channel grid
+
+
+def test_a_failed_export_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch):
+    from edgetune.config import RunFailed
+    from edgetune.export import gguf
+
+    def broken(folder, out_file):
+        out_file.write_bytes(b"half a file")
+        raise RunFailed("converter died")
+
+    monkeypatch.setattr(gguf, "convert", broken)
+    with pytest.raises(RunFailed, match="converter died"):
+        export_gguf(tiny_model_dir, ["gguf-q4_0"], tmp_path / "exported", threads=1)
+    assert list(tmp_path.iterdir()) == []
