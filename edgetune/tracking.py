@@ -349,7 +349,16 @@ def headline_metrics(folder: Path) -> dict[str, float]:
         "peak_rss_mb_finetuned": "evaluate.finetuned.peak_rss_mb",
     }
     metrics.update({a: metrics[k] for a, k in aliases.items() if k in metrics})
+    metrics.update(export_aliases(folder, metrics))
     return metrics
+
+
+def export_aliases(folder: Path, metrics: dict[str, float]) -> dict[str, float]:
+    """score_gguf-q4_0, tokens_per_s_gguf-q4_0, ...: each exported file's headline numbers."""
+    path = folder / "export.json"
+    formats = json.loads(path.read_text()).get("formats", []) if path.is_file() else []
+    return {f"{key}_{fmt}": metrics[f"evaluate.{fmt}.{key}"] for fmt in formats
+            for key in ("score", "size_mb", "tokens_per_s", "perplexity") if f"evaluate.{fmt}.{key}" in metrics}
 
 
 def log_cached_stage(stage: str, experiment: str, parent_id: str, params: dict[str, object],
