@@ -95,3 +95,25 @@ def test_schema_defaults_are_params_yaml():
     drift = {k: (committed.get(k), schema.get(k)) for k in committed.keys() | schema.keys()
              if committed.get(k) != schema.get(k)}
     assert drift == {}, f"params.yaml vs config.py defaults (yaml, schema): {drift}"
+
+
+def test_params_yaml_survives_successive_dvc_set_param_rewrites(tmp_path):
+    """`dvc exp run -S key=value` rewrites params.yaml in place (ruamel round trip) and leaves it
+    so in the workspace; the next `-S` rewrites that. Comments inside a block list once made the
+    second rewrite emit invalid YAML (`evaluate: batch_size: 16`)."""
+    import itertools
+    import shutil
+
+    from dvc.utils.hydra import apply_overrides
+
+    from edgetune.config import load_params
+
+    overrides = ["export.formats=[gguf-q8_0,gguf-q4_0]", "compress.steps=[]", "finetune.method=fedkseed",
+                 "compress.steps=[{method:gptq,bits:4}]", "finetune.lora.targets=[q_proj]"]
+    path = tmp_path / "params.yaml"
+    for sequence in itertools.permutations(overrides, 3):
+        shutil.copy(REPO / "params.yaml", path)
+        for override in sequence:
+            apply_overrides(str(path), [override])
+            load_params(path)  # raises ParamsError on a broken file
+        assert load_params(path).finetune.lora.targets == (["q_proj"] if overrides[-1] in sequence else ["q_proj", "v_proj"])

@@ -133,17 +133,16 @@ def speed(llm, prompt_ids: list[int], window: list[int], new_tokens: int, repeat
             "prompt_tokens_per_s": len(window) / batch}
 
 
-def score_gguf(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, name: str,
+def score_gguf(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, name: str, threads: int,
                max_length: int = 128) -> dict[str, float]:
-    """Every metric of one GGUF file (meant for its own process: see score_isolated)."""
+    """Every metric of one GGUF file (meant for its own process: see score_isolated). Torch is
+    not imported for classification tasks, so peak_rss_mb is llama.cpp's, Python's and pandas'."""
     import pandas as pd
-    import torch
 
     from edgetune.devices import peak_rss_mb, reset_peak_rss
     from edgetune.tasks import GenerationTask, get_task
 
     reset_peak_rss()
-    threads = cfg.threads or torch.get_num_threads()
     task = get_task(task_name)
     frame = pd.read_parquet(Path(data_dir) / "eval.parquet")
     if cfg.max_examples:
@@ -169,6 +168,10 @@ def score_gguf(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, na
 
 
 def score_isolated(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, name: str) -> dict[str, float]:
-    """score_gguf in a fresh spawned process, so peak memory is this file's alone."""
+    """score_gguf in a fresh spawned process, so peak memory is this file's alone; as many
+    threads as the torch rows use (evaluate.threads, else torch's default)."""
+    import torch
+
+    threads = cfg.threads or torch.get_num_threads()
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-        return pool.submit(score_gguf, path, data_dir, task_name, cfg, name).result()
+        return pool.submit(score_gguf, path, data_dir, task_name, cfg, name, threads).result()
