@@ -27,10 +27,17 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+import warnings
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from edgetune.config import BadInput, Params, flatten
+
+# Logging a dataset: MLflow's advice on integer columns is for model signatures, and a local
+# Parquet path matches two equivalent source kinds; neither says anything to edgetune's users.
+warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+
 
 PARENT_ENV = "EDGETUNE_PARENT_RUN_ID"
 DVC_EXP_ENV = "DVC_EXP_NAME"  # set by DVC for the stages of `dvc exp run`
