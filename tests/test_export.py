@@ -101,3 +101,39 @@ def test_a_failed_export_leaves_no_output(tiny_model_dir, tmp_path, monkeypatch)
     with pytest.raises(RunFailed, match="converter died"):
         export_gguf(tiny_model_dir, ["gguf-q4_0"], tmp_path / "exported", threads=1)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pruned_widths_and_fewer_layers_export_and_run(tokenizer_dir, tmp_path, sst2_prompts):
+    """What structural pruning and a GKD student leave: an MLP width that is a multiple of 8
+    but not of llama.cpp's 32-blocks (104), one layer. It converts and quantizes (llama.cpp falls
+    back to a type that fits those rows) and scores close to the float file."""
+    import json
+
+    from tests.conftest import save_tiny_llama
+
+    folder = save_tiny_llama(tokenizer_dir, tmp_path / "pruned", num_layers=1)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["intermediate_size"] == 128
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    keep = list(range(104))  # the first 104 MLP channels, as a pruner that kept them would
+    for layer in model.model.layers:
+        mlp = layer.mlp
+        for proj in (mlp.gate_proj, mlp.up_proj):
+            proj.weight.data = proj.weight.data[keep].clone()
+            proj.out_features = len(keep)
+        mlp.down_proj.weight.data = mlp.down_proj.weight.data[:, keep].clone()
+        mlp.down_proj.in_features = len(keep)
+    model.config.intermediate_size = len(keep)
+    model.save_pretrained(folder)
+    records = export_gguf(folder, ["gguf-f16", "gguf-q4_0"], tmp_path / "exported", threads=1)
+    ids_of = [llamacpp.tokens(llamacpp.open_gguf(tmp_path / "exported" / "gguf-f16" / "model.gguf", 128, 1), p)
+              for p in sst2_prompts[0][:3]]
+    for fmt in records:
+        llm = llamacpp.open_gguf(tmp_path / "exported" / fmt / "model.gguf", 128, 1)
+        logits = [llamacpp.last_logits(llm, ids) for ids in ids_of]
+        assert all(np.isfinite(x).all() for x in logits)
+        if fmt == "gguf-f16":
+            reference = logits
+    assert all(np.corrcoef(a, b)[0, 1] > 0.9 for a, b in zip(reference, logits))
