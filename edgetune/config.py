@@ -132,6 +132,30 @@ class ZOParams(Section):
     distribution: Literal["gaussian", "rademacher"] = Field(
         "gaussian", description="z's entries: gaussian (MeZO) | rademacher (+1/-1, one bit per weight; "
         "with philox, replays are bit-identical across devices)")
+    secret: str | None = Field(
+        None, description="federation key for keyed seeds (federated/keys.py): 'file:PATH' or 'env:NAME', "
+        ">= 128 bits; z of seed s is drawn from HMAC(key, s), so intercepted pairs are useless without "
+        "it. The key itself never goes in params, MLflow or logs")
+
+    @field_validator("secret")
+    @classmethod
+    def _key_readable(cls, v: str | None) -> str | None:
+        """The key must be there before any work; a relative key file is made absolute, so
+        Flower's ClientApps (started in other folders) read the same file."""
+        if v is None:
+            return v
+        from edgetune.federated.keys import read_key
+
+        try:
+            read_key(v)
+        except ValueError as e:  # names the file or variable, never the key
+            raise ValueError(f"finetune.zo.secret: {e}") from None
+        return f"file:{Path(v[5:]).expanduser().absolute()}" if v.startswith("file:") else v
+
+    def key(self) -> bytes | None:
+        from edgetune.federated.keys import read_key
+
+        return read_key(self.secret) if self.secret else None
 
 
 class PrefixParams(Section):
@@ -337,6 +361,9 @@ class FinetuneParams(Section):
         if self.backend == "flower" and self.attack.kind == "replayed_seeds":
             raise ValueError("finetune.attack.kind: replayed_seeds keeps each attacker's last reply in "
                              "memory, which a Flower ClientApp process does not have; use backend local")
+        if self.zo.secret and not self.spec.zo:
+            raise ValueError(f"finetune.zo.secret: keyed seeds are for the seed-scalar methods; "
+                             f"{self.method} sends weights (set it to null)")
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")

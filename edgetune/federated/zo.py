@@ -27,13 +27,13 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Callable, Sequence
 
 import torch
 
-from edgetune.federated import philox
+from edgetune.federated import keys, philox
 
 CHUNK = 1 << 20  # 1M elements (4 MB of float32) of z alive per thread
 DEVICE_CHUNK = 1 << 23  # philox off the CPU: fewer, larger kernel launches (the Gaussian
@@ -100,10 +100,12 @@ CONTRACT = 1  # bump when any sampler's seed -> z mapping changes
 @dataclass(frozen=True)
 class Sampler:
     """Which z a seed means. Rademacher (+1 / -1, Spall's SPSA) makes theta + scale z exact in
-    the multiplication, so replays round identically on every device (with philox)."""
+    the multiplication, so replays round identically on every device (with philox). With a
+    federation `key` (keys.py), z of seed s is drawn from HMAC(key, s) instead."""
 
     generator: str = "torch-cpu"
     distribution: str = "gaussian"
+    key: bytes | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.generator not in GENERATORS or self.distribution not in DISTRIBUTIONS:
@@ -111,11 +113,15 @@ class Sampler:
 
     @property
     def tag(self) -> str:
-        """What checkpoints and messages record, e.g. 'philox/rademacher@1'."""
-        return f"{self.generator}/{self.distribution}@{CONTRACT}"
+        """What checkpoints and messages record, e.g. 'philox/rademacher@1', with the key's
+        fingerprint when keyed ('torch-cpu/gaussian@1+key:1f0c9a2e')."""
+        keyed = f"+key:{keys.fingerprint(self.key)}" if self.key else ""
+        return f"{self.generator}/{self.distribution}@{CONTRACT}{keyed}"
 
     def draw(self, seed: int, index: int, chunk: Chunk) -> torch.Tensor:
         """Chunk number `index` of z(seed) (chunks_for), flat, in its views' dtype and device."""
+        if self.key:
+            seed = keys.keyed_seed(self.key, seed)
         offset, views = chunk
         n, like = sum(v.numel() for v in views), views[0]
         if self.generator == "philox":

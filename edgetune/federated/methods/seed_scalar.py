@@ -39,7 +39,7 @@ class SeedScalarMethod(FederatedMethod):
         model.eval()  # ZO needs no dropout noise between the +eps and -eps passes
         self.params = zo.trainable(model)
         self.model_round = 0  # the round whose global weights the model holds
-        self.sampler = zo.Sampler(self.cfg.zo.generator, self.cfg.zo.distribution)
+        self.sampler = zo.Sampler(self.cfg.zo.generator, self.cfg.zo.distribution, key=self.cfg.zo.key())
         return model
 
     # ----------------------------------------------------------------- which z a seed means
