@@ -73,7 +73,13 @@ def screenshot(browser: str, url: str, out: Path, width: int, height: int, wait_
     cmd = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
            f"--window-size={width},{height}", f"--virtual-time-budget={wait_ms}",
            f"--screenshot={out.resolve()}", url]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=420)
+    for attempt in (1, 2):  # headless Chromium's virtual clock now and then never runs out: kill, retry once
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+            break
+        except subprocess.TimeoutExpired:
+            if attempt == 2:
+                raise RuntimeError(f"{browser} did not finish the screenshot in 240 s, twice") from None
     if proc.returncode or not out.is_file():
         raise RuntimeError(f"{browser} failed: {proc.stderr.strip().splitlines()[-1:]}")
 
