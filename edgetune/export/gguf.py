@@ -119,7 +119,7 @@ def dequantized(model, method: str, src: Path):
     config = model.config
     del config.quantization_config
     fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(state, strict=False)
+    fresh.load_state_dict(state)  # strict: a key the float model lacks would leave random weights
     fresh.tie_weights()
     fresh.generation_config = model.generation_config
     return fresh

@@ -23,7 +23,6 @@ from functools import lru_cache
 from pathlib import Path
 
 MIN_BYTES = 16  # 128 bits
-SCHEMES = ("file:", "env:")
 
 
 def read_key(ref: str) -> bytes:
