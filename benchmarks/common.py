@@ -29,6 +29,51 @@ def model_dir(arg: str | None) -> Path:
     return out
 
 
+def case_arguments(p, methods: list[str]) -> None:
+    """The arguments every side-by-side benchmark of federated cases takes (methods.py,
+    time_to_accuracy.py): model, clients, dev split, params, cases and their overrides."""
+    p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
+    p.add_argument("--partitions", default="data/partitions")
+    p.add_argument("--eval", default="data/prepared/eval.parquet")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--methods", nargs="+", metavar="LABEL", default=methods,
+                   help="cases to run; a label that is not a method name needs --set LABEL:method=NAME "
+                   "(e.g. two configurations of one method side by side)")
+    p.add_argument("--set", action="append", default=[], metavar="LABEL:KEY=VALUE",
+                   help="per-case finetune override, e.g. fedkseed:zo.lr=1e-3 (repeatable)")
+    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
+    p.add_argument("--task", default="sst2", help="task whose label words score the prompts")
+    p.add_argument("--local-steps", type=int)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, dict]:
+    """'label:key.sub=value' -> {label: {key: {sub: value}}} (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        label, assignment = pair.split(":", 1)
+        key, value = assignment.split("=", 1)
+        node = out.setdefault(label, {})
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def method_config(finetune, label: str, budget: dict, overrides: dict[str, dict]):
+    """The FinetuneParams of one benchmarked case: params.yaml's finetune block, the shared
+    budget (rounds, steps), method = label, then the label's --set overrides (which may name
+    another method: two configurations of one method side by side)."""
+    from edgetune.config import FinetuneParams
+
+    raw = {**finetune.model_dump(), **budget, "method": label}
+    for key, value in overrides.get(label, {}).items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
+    return FinetuneParams.model_validate(raw)
+
+
 def real_batch(tok, mirror: str | None, batch_size: int, seq_len: int):
     """batch_size real SST-2 train prompts, padded/truncated to exactly seq_len tokens."""
     import torch

@@ -21,38 +21,12 @@ import json
 import time
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, dict]:
-    """'method:key.sub=value' -> {method: {key: {sub: value}}} (values parsed as YAML)."""
-    import yaml
-
-    out: dict[str, dict] = {}
-    for pair in pairs:
-        method, assignment = pair.split(":", 1)
-        key, value = assignment.split("=", 1)
-        node = out.setdefault(method, {})
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
-
-
 def main(argv=None) -> None:
+    from benchmarks.common import case_arguments
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
-    p.add_argument("--partitions", default="data/partitions")
-    p.add_argument("--eval", default="data/prepared/eval.parquet")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--methods", nargs="+", metavar="LABEL",
-                   default=["fedit", "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm"],
-                   help="methods to run; a label that is not a method name needs --set LABEL:method=NAME "
-                   "(e.g. two FedSelFT strategies side by side)")
+    case_arguments(p, ["fedit", "mezo", "job", "fedkseed", "fedkseed-pro", "fwdllm"])
     p.add_argument("--rounds", type=int)
-    p.add_argument("--local-steps", type=int)
-    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
-    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
-                   help="per-method finetune override, e.g. fedkseed:zo.lr=1e-3 (repeatable)")
-    p.add_argument("--task", default="sst2", help="task whose label words score the prompts")
     p.add_argument("--max-length", type=int, help="prompt tokens kept (default: finetune.max_length)")
     p.add_argument("--name", default="methods_sst2")
     p.add_argument("--update", action="store_true", help="merge into an existing results file")
@@ -60,8 +34,8 @@ def main(argv=None) -> None:
 
     import pandas as pd
 
-    from benchmarks.common import RESULTS, model_dir, save
-    from edgetune.config import FinetuneParams, load_params
+    from benchmarks.common import RESULTS, method_config, model_dir, parse_overrides, save
+    from edgetune.config import load_params
     from edgetune.federated.engine import run_federation
     from edgetune.federated.setup import attack_of, centralize, load_clients, prepare
     from edgetune.models import load_hf
@@ -88,10 +62,7 @@ def main(argv=None) -> None:
     results["zero_shot"] = {"accuracy": accuracy(model, tok, prompts, gold, ids, 16, 128, "zero-shot")}
     print(f"zero-shot accuracy {results['zero_shot']['accuracy']:.4f}")
     for name in args.methods:
-        raw = {**params.finetune.model_dump(), **budget, "method": name}
-        for key, value in overrides.get(name, {}).items():
-            raw[key] = {**raw[key], **value} if isinstance(value, dict) else value
-        cfg = FinetuneParams.model_validate(raw)
+        cfg = method_config(params.finetune, name, budget, overrides)
         use, rate = clients, cfg.sample_rate
         if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
@@ -108,7 +79,7 @@ def main(argv=None) -> None:
             "mean_loss_first_quarter": sum(h.train_loss for h in history[:max(1, len(history) // 4)]) / max(1, len(history) // 4),
             "mean_loss_last_quarter": sum(h.train_loss for h in history[-max(1, len(history) // 4):]) / max(1, len(history) // 4),
             "bytes_per_client_round": history[-1].bytes_up_per_client + history[-1].bytes_down_per_client,
-            "method": cfg.method, "lr": cfg.zo.lr if cfg.spec.zo else cfg.client_lr,
+            "method": cfg.method, "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "overrides": " ".join(s for s in args.set if s.startswith(f"{name}:")),
             **method.round_metrics(state),  # e.g. dp_epsilon spent over the run

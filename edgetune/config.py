@@ -101,18 +101,53 @@ def clients_per_round(num_clients: int, rate: float) -> int:
     return max(1, round(rate * num_clients))
 
 
+LORA_INITS = ("default", "gaussian", "orthogonal", "pissa", "olora")  # finetune.lora.init
+
+
 class LoraParams(Section):
     r: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(16, gt=0, description="LoRA scaling numerator (scale = alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
     targets: list[str] = Field(["q_proj", "v_proj"], min_length=1, description="module names")
+    init: str = Field(
+        "default", description="peft's init_lora_weights: default (B = 0, A Kaiming-uniform) | gaussian "
+        "(B = 0) | orthogonal (A and B non-zero, B A = 0; needs an even r) | pissa | pissa_niter_N | olora "
+        "(A and B from the base weights' SVD / QR, the base keeps the residual). Every one is computed "
+        "the same on every client from the seed and the base model; data-dependent inits (eva, corda, "
+        "loftq) are refused")
+
+    @field_validator("init")
+    @classmethod
+    def _federable_init(cls, v: str) -> str:
+        if v in LORA_INITS or re.fullmatch(r"pissa_niter_\d+", v):
+            return v
+        if v in ("eva", "corda", "loftq"):
+            raise ValueError(f"finetune.lora.init: {v} is computed from data (or a quantized base) on each "
+                             "client, so clients would start from different adapters; use one of "
+                             f"{list(LORA_INITS)} or pissa_niter_N")
+        raise ValueError(f"finetune.lora.init: {v!r} is not a LoRA init; expected one of "
+                         f"{list(LORA_INITS)} or pissa_niter_N")
+
+    @model_validator(mode="after")
+    def _even_rank(self):
+        if self.init == "orthogonal" and self.r % 2:
+            raise ValueError(f"finetune.lora.init: orthogonal needs an even finetune.lora.r, got {self.r}")
+        return self
+
+    @property
+    def peft_init(self) -> bool | str:
+        """The value of peft's LoraConfig.init_lora_weights."""
+        return True if self.init == "default" else self.init
 
 
 class ZOParams(Section):
     """Zeroth-order knobs shared by mezo, job, fedkseed, fedkseed-pro and fwdllm."""
 
-    lr: float = Field(1e-5, gt=0, description="ZO learning rate (MeZO uses 1e-7..1e-5 for full weights)")
-    eps: float = Field(1e-3, gt=0, description="perturbation scale")
+    lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="ZO learning rate; auto = the trainable set's own (registry.ZO_DEFAULTS, "
+        "from the recorded sweeps in benchmarks/results/)")
+    eps: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
+        "auto", description="perturbation scale; auto = the trainable set's own (registry.ZO_DEFAULTS)")
     K: int = Field(4096, ge=1, description="FedKSeed: number of candidate seeds fixed at the start")
     pro_temperature: float = Field(
         0.5, gt=0, description="FedKSeed-Pro: softmax temperature over normalized seed importance"
@@ -251,10 +286,16 @@ class AttackParams(Section):
     serialized (so its bytes are metered as sent)."""
 
     fraction: float = Field(0.0, ge=0, le=1, description="share of the clients that are malicious")
-    kind: Literal["none", "scaled", "sign_flip", "random", "replayed_seeds"] = Field(
+    kind: Literal["none", "scaled", "sign_flip", "random", "replayed_seeds",
+                  "nan", "wrong_shape", "unknown_tensor", "oversized", "bad_seed", "tampered"] = Field(
         "none", description="scaled: update x scale | sign_flip: update x -scale (scale 1: a plain "
         "flip) | random: Gaussian noise of the update's norm | replayed_seeds: resend the seeds and "
-        "scalars of the last round it was sampled in (weight methods: that update)")
+        "scalars of the last round it was sampled in (weight methods: that update). Malformed "
+        "replies, which the server must reject (federated/validation.py): nan (a NaN in the first "
+        "float tensor) | wrong_shape (one element cut) | unknown_tensor (an extra tensor) | "
+        "oversized (the first tensor 64 times over) | bad_seed (seed-scalar: seeds no honest "
+        "client draws) | tampered (one value changed after sealing: caught only by a MAC, "
+        "finetune.zo.secret)")
     scale: float = Field(10.0, description="scaled / sign_flip: the factor on the update")
 
 
@@ -358,6 +399,9 @@ class FinetuneParams(Section):
         if self.backend == "flower" and not spec.flower:
             why = "runs one centralized client" if spec.centralized else "does not run on Flower"
             raise ValueError(f"finetune.backend: {self.method} {why}; use backend local")
+        if self.attack.kind == "bad_seed" and not spec.zo:
+            raise ValueError(f"finetune.attack.kind: bad_seed corrupts seeds, but {self.method} sends "
+                             "weights; use a seed-scalar method or another kind")
         if self.backend == "flower" and self.attack.kind == "replayed_seeds":
             raise ValueError("finetune.attack.kind: replayed_seeds keeps each attacker's last reply in "
                              "memory, which a Flower ClientApp process does not have; use backend local")
@@ -378,6 +422,22 @@ class FinetuneParams(Section):
         if self.lr != "auto":
             return self.lr
         return 1e-3 if self.spec.lr is None else self.spec.lr  # zeroth order: unused (zo.lr)
+
+    @property
+    def zo_lr(self) -> float:
+        """zo.lr, or the trainable set's default when auto."""
+        return registry.ZO_DEFAULTS[self.trainable_set].lr if self.zo.lr == "auto" else self.zo.lr
+
+    @property
+    def zo_eps(self) -> float:
+        """zo.eps, or the trainable set's default when auto."""
+        return registry.ZO_DEFAULTS[self.trainable_set].eps if self.zo.eps == "auto" else self.zo.eps
+
+    def resolved(self) -> dict[str, float]:
+        """The values the `auto` knobs stand for in this run (logged beside the params)."""
+        if self.spec.zo:
+            return {"finetune.zo.lr_resolved": self.zo_lr, "finetune.zo.eps_resolved": self.zo_eps}
+        return {"finetune.lr_resolved": self.client_lr}
 
     @property
     def server_optimizer(self) -> str:

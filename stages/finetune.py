@@ -46,6 +46,7 @@ def main(argv=None):
         from edgetune.tracking import log_datasets
 
         resume = open_resume(args, params, run.info.run_id)
+        mlflow.log_params(params.finetune.resolved())  # what finetune.lr / zo.lr: auto stood for
 
         def log_round(r):
             mlflow.log_metrics(r.metrics(), step=r.round)

@@ -176,6 +176,13 @@ CASES = [
     Case("params-unknown-dtype", "model", "model.dtype", key("model.dtype", "float8")),
     Case("params-unknown-zo-distribution", "finetune", "finetune.zo.distribution",
          key("finetune.zo.distribution", "uniform")),
+    Case("params-zo-lr-not-auto", "finetune", "finetune.zo.lr", key("finetune.zo.lr", "fast")),
+    Case("params-lora-init-data-dependent", "finetune", "finetune.lora.init: eva is computed from data",
+         key("finetune.lora.init", "eva")),
+    Case("params-lora-init-orthogonal-odd-rank", "finetune", "finetune.lora.init: orthogonal needs an even",
+         {"finetune": {"lora": {"init": "orthogonal", "r": 5}}}),
+    Case("params-bad-seed-attack-on-weights", "finetune", "finetune.attack.kind: bad_seed",
+         {"finetune": {"attack": {"fraction": 0.5, "kind": "bad_seed"}}}),
     # a device this machine lacks (cuda:99 on any machine): named before any model is loaded
     Case("device-missing-finetune", "finetune", "model.device: cuda:99 requested", key("model.device", "cuda:99"),
          HF_MODEL_AND_ONE_CLIENT),

@@ -79,6 +79,24 @@ def test_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_model_
     assert (tmp_path / "flower" / "merged" / "config.json").is_file()
 
 
+def test_keyed_federation_rejects_tampered_replies_on_flower_as_on_the_local_backend(tiny_model_dir, partitions,
+                                                                                     tmp_path):
+    """Keyed seeds and sealed messages on Flower: the ClientApps read the federation key on
+    their node, one of them alters its reply after sealing it, and the ServerApp rejects that
+    reply before aggregation (logged, metered) and ends where the local backend ends, bit for bit."""
+    key = tmp_path / "federation.key"
+    key.write_text("5e" * 32)
+    raw = {**finetune_params("fedkseed", rounds=2), "sample_rate": 1.0,
+           "attack": {"fraction": 0.25, "kind": "tampered"}}
+    raw["zo"] = {**raw["zo"], "secret": f"file:{key}"}
+    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
+    _, flower, flower_state = run(tiny_model_dir, partitions, tmp_path / "flower",
+                                  FinetuneParams(**raw, backend="flower"))
+    assert [h.rejected for h in local] == [[0], [0]]  # the seeded attacker, every round
+    assert [(h.rejected, h.clients) for h in flower] == [(h.rejected, h.clients) for h in local]
+    assert same(local_state, flower_state)
+
+
 def test_loopback_processes_allow_late_heartbeats():
     """On a busy machine a task's heartbeat may come late: the SuperLink and SuperNodes started
     on loopback start as Flower's own CLIs but fail a task only after LOOPBACK_PATIENCE x 30 s."""

@@ -96,3 +96,65 @@ def test_a_bad_key_reference_names_the_key_and_not_its_value(tmp_path, secret, e
         parse_params({"finetune": {"method": "fedkseed", "zo": {"secret": secret.format(tmp=tmp_path)}}})
     assert "finetune.zo.secret" in str(err.value) and expected in str(err.value)
     assert "12345678" not in str(err.value)
+
+
+# --------------------------------------------------------------------------- authenticated messages
+def keyed(key_file, name="fedkseed", kind="none", rounds=2) -> FinetuneParams:
+    return FinetuneParams(method=name, num_rounds=rounds, sample_rate=1.0, local_steps=2, batch_size=4,
+                          trainable="lora", zo={"K": 16, "lr": 1e-3, "secret": f"file:{key_file}" if key_file else None},
+                          attack={"fraction": 0.25, "kind": kind})
+
+
+def test_every_seed_scalar_message_is_sealed_and_the_mac_costs_a_few_dozen_bytes(tiny_model_dir, sst2_prompts,
+                                                                                   key_file):
+    from edgetune.federated.protocol import to_bytes
+
+    clients = make_clients(sst2_prompts, n=4, size=16)
+    for name in ("fedkseed", "job"):
+        method, *_, history = federate(tiny_model_dir, clients, keyed(key_file, name))
+        assert [h.rejected for h in history] == [[], []]
+        plain, *_, plain_history = federate(tiny_model_dir, clients, keyed(None, name))
+        state = method.init_state(None)
+        down = method.downlink(state)
+        assert len(down.meta["mac"]) == 2 * keys.MAC_BYTES
+        assert keys.mac_problem(method.sampler.key, 0, down.tensors, down.meta) is None
+        # bytes added per reply: the tag and the sampler's fingerprint in the JSON header
+        extra = history[-1].bytes_up_per_client - plain_history[-1].bytes_up_per_client
+        assert 32 <= extra <= 128, extra
+        assert len(to_bytes(down)) - len(to_bytes(plain.downlink(plain.init_state(None)))) <= 128
+
+
+@pytest.mark.parametrize("name, kind", [("fedkseed", "tampered"), ("job", "tampered"), ("fedkseed", "replayed_seeds")])
+def test_with_a_key_tampered_and_replayed_replies_are_rejected(tiny_model_dir, sst2_prompts, key_file, name, kind):
+    clients = make_clients(sst2_prompts, n=4, size=16)
+    *_, history = federate(tiny_model_dir, clients, keyed(key_file, name, kind, rounds=3))
+    expected = [[0]] * 3 if kind == "tampered" else [[], [0], [0]]  # a replay needs an earlier round
+    assert [h.rejected for h in history] == expected
+    *_, open_history = federate(tiny_model_dir, clients, keyed(None, name, kind, rounds=3))
+    assert all(h.rejected == [] for h in open_history)  # well-formed: without a MAC it gets through
+
+
+def test_a_client_refuses_a_tampered_broadcast(tiny_model_dir, sst2_prompts, key_file):
+    from edgetune.federated.engine import client_generator
+
+    clients = make_clients(sst2_prompts, n=2, size=16)
+    method, model, state, _ = federate(tiny_model_dir, clients, keyed(key_file, rounds=1))
+    down = method.downlink(state)
+    down.tensors["scalars"] = down.tensors["scalars"].clone()
+    down.tensors["scalars"][0] += 1.0
+    with pytest.raises(RunFailed, match="broadcast of round 1 is refused: MAC does not match"):
+        method.client_update(model, down, clients[0], client_generator(0, 2, 0))
+
+
+def test_the_mac_reads_tensors_as_any_transport_delivers_them(key_file):
+    """Flower hands tensors over from numpy: empty ones with a 0 stride, others non-contiguous."""
+    import numpy as np
+
+    key = keys.read_key(f"file:{key_file}")
+    plain = {"scalars": torch.zeros(0), "grads": torch.arange(6.0).reshape(2, 3)}
+    odd = {"scalars": torch.from_numpy(np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (0,), (0,))),
+           "grads": plain["grads"].t().contiguous().t()}  # same values, column-major
+    assert not odd["grads"].is_contiguous()
+    meta = {"round": 1}
+    assert keys.message_mac(key, 1, plain, meta) == keys.message_mac(key, 1, odd, meta)
+    assert keys.message_mac(key, 1, plain, meta) != keys.message_mac(key, 2, plain, meta)

@@ -13,6 +13,16 @@ the vector of scalars (projected gradients) it uploads.
     replayed_seeds  the reply of the last round the client was sampled in, resent (seed-scalar:
                     its old seeds and scalars; weights: its old update on today's start); the
                     first time it is sampled it replies honestly
+
+Malformed replies, which the server must reject before aggregation (validation.py):
+    nan             a NaN in the first float tensor
+    wrong_shape     the first tensor one element short
+    unknown_tensor  an extra tensor no method sends
+    oversized       the first tensor repeated 64 times (a reply far above the method's size)
+    bad_seed        seed-scalar: seeds shifted out of what an honest client draws (FedKSeed
+                    indices past the K candidates, JOB seeds of another round)
+    tampered        well-formed, one value changed after the client sealed its reply (a man
+                    in the middle): only a MAC (finetune.zo.secret) tells it from an honest one
 """
 
 from __future__ import annotations
@@ -33,6 +43,29 @@ def malicious_clients(fraction: float, num_clients: int, seed: int) -> set[int]:
     return set(rng.choice(num_clients, size=k, replace=False).tolist())
 
 
+MALFORMED = ("nan", "wrong_shape", "unknown_tensor", "oversized", "bad_seed", "tampered")
+
+
+def malformed(kind: str, reply: Message) -> Message:
+    """`reply` corrupted so that no honest client could have sent it."""
+    tensors = reply.tensors
+    if kind == "unknown_tensor":
+        return Message({**tensors, "backdoor": torch.zeros(16)}, reply.meta)
+    if kind == "bad_seed":
+        field = "index" if "index" in tensors else "seeds"
+        shift = 1 << 30 if tensors[field].dtype == torch.int32 else 7 << 32
+        return Message({**tensors, field: tensors[field] + shift}, reply.meta)
+    floats = [k for k in sorted(tensors) if tensors[k].is_floating_point()]
+    first = floats[0] if floats else sorted(tensors)[0]
+    flat = tensors[first].reshape(-1)
+    if kind in ("nan", "tampered"):
+        bad = tensors[first].clone()
+        bad.view(-1)[0] = float("nan") if kind == "nan" else bad.view(-1)[0] + 1
+    else:  # wrong_shape: one element short; oversized: 64 times over
+        bad = flat[:-1] if kind == "wrong_shape" else flat.repeat(64)
+    return Message({**tensors, first: bad}, reply.meta)
+
+
 class Attack:
     def __init__(self, cfg: AttackParams, num_clients: int, seed: int):
         self.cfg, self.seed = cfg, seed
@@ -43,6 +76,8 @@ class Attack:
         """The reply a client sends: `reply` itself for an honest client."""
         if client_id not in self.malicious:
             return reply
+        if self.cfg.kind in MALFORMED:
+            return malformed(self.cfg.kind, reply)
         start = self.start_points(method, down, reply)
         update = {k: reply.tensors[k] - start[k] for k in start}
         if not update:

@@ -15,8 +15,10 @@ with fewer than `min_clients` replies is sampled afresh, up to `round_retries` t
 the run stops with TooFewClients. Bytes are metered as exchanged: every sampled client received
 the broadcast, only the clients that replied uploaded.
 
-Byzantine clients (attacks.py) corrupt their reply in step 3, before it is serialized; robust
-rules (aggregation.py) act inside each method's aggregate in step 4.
+Byzantine clients (attacks.py) corrupt their reply in step 3, before it is serialized; the
+server drops a malformed reply (wrong tensors, shapes, dtypes, NaN, impossible seeds:
+validation.py) before step 4, and robust rules (aggregation.py) act inside each method's
+aggregate in step 4.
 
 Resume (resume.py): with a ResumeFolder, every round also saves what the next rounds depend
 on (with the pool's own state: Flower's broadcasts kept for catch-up), and a run finding a saved round restores it and goes on from the next one, bit-identical
@@ -68,6 +70,7 @@ class RoundLog:
     bytes_down_per_client: float  # broadcast size
     seconds: float
     dropped: list[int] = field(default_factory=list)  # sampled, sent nothing (every try of the round)
+    rejected: list[int] = field(default_factory=list)  # sent a malformed reply (validation.py)
     retries: int = 0  # fresh samples taken to reach min_clients
     bytes_exchanged: int = 0  # every broadcast received and every reply sent, retries included
     extra: dict[str, float] = field(default_factory=dict)  # method-specific, e.g. FwdLLM's n
@@ -76,10 +79,12 @@ class RoundLog:
         d = asdict(self)
         d.pop("clients")
         d.pop("dropped")
+        d.pop("rejected")
         d.pop("round")
         d.update(d.pop("extra"))
         d["clients_aggregated"] = len(self.clients)
         d["clients_dropped"] = len(self.dropped)
+        d["clients_rejected"] = len(self.rejected)
         return d
 
 
@@ -93,6 +98,7 @@ class Attempt:
     replies: list[Message] = field(default_factory=list)
     up_sizes: list[int] = field(default_factory=list)
     dropped: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)  # replied, but malformed: never aggregated
     errors: list[str] = field(default_factory=list)
     extra: dict[str, float] = field(default_factory=dict)  # a pool's own counters, e.g. Flower's
     # wire bytes (a round adds them up over its tries; a "peak" counter takes the largest)
@@ -188,13 +194,30 @@ class LocalClients:
         pass
 
 
+def screen(method, attempt: Attempt, down: Message, round_: int) -> None:
+    """Keep only the replies `method` can aggregate (method.reply_problem, validation.py): a
+    malformed one is logged with its client and reason and left out of the round; the bytes
+    it cost stay metered."""
+    kept = []
+    for cid, reply in zip(attempt.replied, attempt.replies):
+        problem = method.reply_problem(reply, down)
+        if problem is None:
+            kept.append((cid, reply))
+            continue
+        LOG.warning("round %d: reply of client %d rejected: %s", round_, cid, problem)
+        attempt.rejected.append(cid)
+        attempt.errors.append(f"client {cid}: rejected: {problem}")
+    attempt.replied, attempt.replies = [c for c, _ in kept], [r for _, r in kept]
+
+
 def too_few(round_: int, tries: list[Attempt], min_clients: int) -> TooFewClients:
     last = tries[-1]
     error = f"; last client error: {last.errors[-1]}" if last.errors else ""
+    failures = len(last.errors) - len(last.rejected)
     return TooFewClients(
         f"round {round_}: {len(last.replies)} of {len(last.sampled)} sampled clients replied, fewer "
         f"than finetune.min_clients = {min_clients}, after {len(tries) - 1} retries (dropouts: "
-        f"{len(last.dropped) - len(last.errors)}, failures: {len(last.errors)}{error})")
+        f"{len(last.dropped) - failures}, failures: {failures}, rejected: {len(last.rejected)}{error})")
 
 
 def merged_extras(tries: list[Attempt]) -> dict[str, float]:
@@ -237,13 +260,16 @@ def restore(resume, method, model, clients, rng: np.random.Generator):
 def run_federation(method, model, clients, *, num_rounds: int,
                    sample_rate: float, seed: int, checkpoint_dir: Path | None = None,
                    on_round: Callable[[RoundLog], None] | None = None, dropout: float = 0.0,
-                   min_clients: int = 1, round_retries: int = 2, attack=None, resume=None):
+                   min_clients: int = 1, round_retries: int = 2, attack=None, resume=None,
+                   on_global: Callable[[int, dict], None] | None = None):
     """Run all rounds; returns (final global state, list of RoundLog). `clients`: a list of
     ClientData (simulated here, LocalClients) or any pool with len() and run() (Flower's).
     Clients that drop out or fail are left out of their round (see the module docstring);
     TooFewClients if a round cannot reach min_clients replies. `attack` (attacks.Attack) makes
     some local clients malicious. `resume` (resume.ResumeFolder): go on after its last saved
-    round (whose logs are passed to `on_round` again) and save every round there."""
+    round (whose logs are passed to `on_round` again) and save every round there.
+    `on_global(round, state)` sees each new global state after its round is saved (e.g. a
+    benchmark scoring the global model every few rounds, benchmarks/time_to_accuracy.py)."""
     if isinstance(clients, list):
         clients = LocalClients(method, model, clients, seed, attack)
     if min_clients > clients_per_round(len(clients), sample_rate):
@@ -270,9 +296,12 @@ def run_federation(method, model, clients, *, num_rounds: int,
             # 1) sample this round's clients (a retry samples afresh from the round's own RNG)
             sampled = sample_clients(round_rng if attempt else rng, len(clients), sample_rate)
             # 2) broadcast: every sampled client decodes the same bytes
-            down = to_bytes(method.downlink(state))
-            # 3) local work on each client that stays; only the serialized reply reaches the server
+            sent = method.downlink(state)
+            down = to_bytes(sent)
+            # 3) local work on each client that stays; only the serialized reply reaches the
+            #    server, which drops a malformed one before it can reach aggregation
             tries.append(clients.run(sampled, down, rnd, drop_out(round_rng, sampled, dropout)))
+            screen(method, tries[-1], sent, rnd)
             if len(tries[-1].replies) >= min_clients:
                 break
         else:
@@ -292,6 +321,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
             bytes_down_per_client=float(done.down_size),
             seconds=time.perf_counter() - t0,
             dropped=[cid for t in tries for cid in t.dropped],
+            rejected=[cid for t in tries for cid in t.rejected],
             retries=len(tries) - 1,
             bytes_exchanged=sum(t.bytes for t in tries),
             extra={**method.round_metrics(state), **merged_extras(tries)},
@@ -302,4 +332,6 @@ def run_federation(method, model, clients, *, num_rounds: int,
         bar.set_postfix(loss=f"{log.train_loss:.4f}")
         if on_round is not None:
             on_round(log)
+        if on_global is not None:
+            on_global(rnd, state)
     return state, history

@@ -65,6 +65,28 @@ class MethodSpec:
         return cls
 
 
+@dataclass(frozen=True)
+class ZODefaults:
+    """finetune.zo.lr / eps when `auto`, per trainable set: the fewer weights z spans, the
+    larger the step its estimate allows (MeZO's lr scales as 1 / effective dimension)."""
+
+    lr: float
+    eps: float
+
+
+# From recorded runs (docs/results.md#zeroth-order-methods-that-learn): full weights, the best
+# of lr 1e-5 / 3e-5 / 1e-4 in benchmarks/results/zo_sweep_full.json (FedKSeed, SST-2, 8
+# Dirichlet clients, 160 client steps); lora, benchmarks/results/methods_sst2.json; prefix,
+# prompt and bitfit: LoRA's eps and a third of its lr, not swept yet.
+ZO_DEFAULTS: dict[str, ZODefaults] = {
+    "full": ZODefaults(lr=1e-4, eps=1e-3),
+    "lora": ZODefaults(lr=3e-3, eps=1e-2),
+    "prefix": ZODefaults(lr=1e-3, eps=1e-2),
+    "prompt": ZODefaults(lr=1e-3, eps=1e-2),
+    "bitfit": ZODefaults(lr=1e-3, eps=1e-2),
+}
+
+
 METHODS: dict[str, MethodSpec] = {}
 
 

@@ -24,7 +24,8 @@ def wrap_peft(model, kind: str, cfg: FinetuneParams, tok=None):
     if kind == "lora":
         lora = cfg.lora
         config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                            target_modules=list(lora.targets), task_type="CAUSAL_LM")
+                            target_modules=list(lora.targets), task_type="CAUSAL_LM",
+                            init_lora_weights=lora.peft_init)
     elif kind == "prefix":
         config = PrefixTuningConfig(num_virtual_tokens=cfg.prefix.num_virtual_tokens, task_type="CAUSAL_LM")
     else:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from edgetune.config import BadInput, FinetuneParams
-from edgetune.federated import registry
+from edgetune.federated import registry, validation
 from edgetune.federated.engine import ClientData
 from edgetune.federated.protocol import Message
 from edgetune.federated.trainable import save_model
@@ -55,6 +55,19 @@ class FederatedMethod(ABC):
     @abstractmethod
     def aggregate(self, state: dict[str, torch.Tensor], replies: list[Message]) -> dict[str, torch.Tensor]:
         """Fold the clients' replies into the next global state."""
+
+    @abstractmethod
+    def expected_reply(self, down: Message) -> validation.Expected:
+        """The tensors (name -> shape, dtype) a client may send in reply to `down`."""
+
+    def required_reply(self, down: Message) -> tuple[str, ...]:
+        """The tensors every reply to `down` must carry (default: all it may send)."""
+        return tuple(self.expected_reply(down))
+
+    def reply_problem(self, reply: Message, down: Message) -> str | None:
+        """Why a client's reply to `down` must not reach `aggregate` (validation.py), None
+        when it may: checked by the engine for every reply, on every backend."""
+        return validation.reply_problem(reply, self.expected_reply(down), self.required_reply(down))
 
     def round_metrics(self, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Method-specific numbers to log after each round (with DP: epsilon spent so far)."""

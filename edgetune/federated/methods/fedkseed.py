@@ -36,6 +36,7 @@ def seed_probabilities(importance: torch.Tensor, seen: torch.Tensor, temperature
 
 class FedKSeed(SeedScalarMethod):
     pro = False
+    seed_field, seed_dtype = "index", torch.int32  # a reply names candidates by index
 
     def __init__(self, cfg, tok, objective):
         super().__init__(cfg, tok, objective)
@@ -45,12 +46,12 @@ class FedKSeed(SeedScalarMethod):
     def init_state(self, model):
         return {"history": torch.zeros(0, self.cfg.zo.K), "round": torch.tensor([0])}
 
-    def downlink(self, state):
+    def broadcast(self, state):
         version = int(state["round"][0])
         tensors = {"scalars": state["history"][-1] if version else torch.zeros(0)}
         if self.pro:
             tensors["probs"] = self.probabilities(state).half()
-        return self.stamp(Message(tensors, {"round": version}))
+        return Message(tensors, {"round": version})
 
     def probabilities(self, state) -> torch.Tensor:
         history = state["history"]
@@ -70,6 +71,11 @@ class FedKSeed(SeedScalarMethod):
         return Message({"index": torch.tensor([self.index_of[s] for s in seeds], dtype=torch.int32),
                         "grads": torch.tensor(grads, dtype=torch.float32)},
                        {"num_samples": len(data), "loss": loss})
+
+    def seeds_problem(self, seeds, down):
+        if len(seeds) and (int(seeds.min()) < 0 or int(seeds.max()) >= len(self.candidates)):
+            return f"seed index outside the {len(self.candidates)} candidates"
+        return None
 
     def aggregate(self, state, replies):
         for r in replies:

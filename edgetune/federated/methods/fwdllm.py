@@ -25,8 +25,8 @@ class FwdLLM(JOB):
     def init_state(self, model):
         return {**super().init_state(model), "n": torch.tensor([self.cfg.zo.perturbations])}
 
-    def downlink(self, state):
-        msg = super().downlink(state)
+    def broadcast(self, state):
+        msg = super().broadcast(state)
         msg.tensors["n"] = state["n"]
         return msg
 
@@ -67,14 +67,17 @@ class FwdLLM(JOB):
                 chosen = [self.pick([job_seed(self.cfg.seed, playing, data.client_id,
                                               (step * max_n + p) * c + k) for k in range(c)])
                           for p in range(n)]
-                estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo.eps, self.sampler)
+                estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo_eps, self.sampler)
                              for s in chosen]
                 for s, (g, _) in zip(chosen, estimates):  # the step: mean of the n estimates
-                    zo.apply_update(self.params, s, g / n, self.cfg.zo.lr, self.cfg.weight_decay, self.sampler)
+                    zo.apply_update(self.params, s, g / n, self.cfg.zo_lr, self.cfg.weight_decay, self.sampler)
                 seeds += chosen
                 grads += [g / n for g, _ in estimates]
                 losses += [loss for _, loss in estimates]
-        return self.stamp(self.reply(seeds, grads, data, sum(losses) / len(losses)))
+        return self.seal(self.reply(seeds, grads, data, sum(losses) / len(losses)), playing)
+
+    def pairs_per_reply(self, down):
+        return self.cfg.local_steps * int(down.tensors["n"][0])
 
     def client_seeds(self, down, data, rng):  # unused: client_update picks seeds per step
         raise NotImplementedError

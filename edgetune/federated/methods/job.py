@@ -28,16 +28,23 @@ class JOB(SeedScalarMethod):
         return {"seeds": torch.zeros(0, dtype=torch.int64), "grads": torch.zeros(0),
                 "round_of": torch.zeros(0, dtype=torch.int32), "round": torch.tensor([0])}
 
-    def downlink(self, state):
+    def broadcast(self, state):
         version = int(state["round"][0])
         new = state["round_of"] == version
-        return self.stamp(Message({"seeds": state["seeds"][new], "grads": state["grads"][new]},
-                                  {"round": version}))
+        return Message({"seeds": state["seeds"][new], "grads": state["grads"][new]}, {"round": version})
 
     def client_seeds(self, down, data, rng):
         playing = int(down.meta["round"]) + 1
         return [job_seed(self.cfg.seed, playing, data.client_id, s)
                 for s in range(self.cfg.local_steps * self.cfg.zo.samples)]
+
+    def seeds_problem(self, seeds, down):
+        """A JOB seed names its round (job_seed): pairs of another round are a replay."""
+        playing = int(down.meta["round"]) + 1
+        rounds = seeds // (FIELD * FIELD) - self.cfg.seed * FIELD
+        if bool((rounds != playing).any()):
+            return f"seeds of round(s) {sorted(set(rounds.tolist()))[:3]}, not of round {playing}"
+        return None
 
     def reply(self, seeds, grads, data, loss):
         return Message({"seeds": torch.tensor(seeds, dtype=torch.int64),

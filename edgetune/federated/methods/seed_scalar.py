@@ -23,7 +23,7 @@ from abc import abstractmethod
 import torch
 
 from edgetune.config import BadInput, RunFailed
-from edgetune.federated import zo
+from edgetune.federated import keys, zo
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.methods.weights import sample_batch
@@ -33,6 +33,7 @@ from edgetune.federated.trainable import prepare_trainable
 
 class SeedScalarMethod(FederatedMethod):
     replays_history = True
+    seed_field, seed_dtype = "seeds", torch.int64  # how a reply names its seeds
 
     def prepare_model(self, model):
         model = prepare_trainable(model, self.cfg.trainable_set, self.cfg, self.tok)
@@ -57,10 +58,31 @@ class SeedScalarMethod(FederatedMethod):
                             f"{self.sampler.tag} (finetune.zo.generator / distribution): its seeds "
                             "would replay into other weights")
 
+    # ----------------------------------------------------------------- authenticated messages
+    def seal(self, msg: Message, round_: int) -> Message:
+        """The sampler's tag, and with a federation key a MAC over the round and content
+        (keys.message_mac): what every broadcast and reply leaves with."""
+        msg = self.stamp(msg)
+        if self.sampler.key:
+            msg.meta["mac"] = keys.message_mac(self.sampler.key, round_, msg.tensors, msg.meta)
+        return msg
+
+    def mac_problem(self, msg: Message, round_: int) -> str | None:
+        """With a federation key: why `msg` is not authentic for `round_` (None: it is)."""
+        return keys.mac_problem(self.sampler.key, round_, msg.tensors, msg.meta) if self.sampler.key else None
+
+    def downlink(self, state) -> Message:
+        msg = self.broadcast(state)
+        return self.seal(msg, int(msg.meta["round"]))
+
     # ----------------------------------------------------------------- client side
     def sync(self, model, down: Message) -> None:
-        """Bring the shared model from round t-1 to round t by replaying the broadcast."""
+        """Bring the shared model from round t-1 to round t by replaying the broadcast (a
+        broadcast that fails its MAC is refused: the client fails, the round goes on)."""
         self.check(down.meta.get("zo"), "the broadcast")
+        problem = self.mac_problem(down, int(down.meta["round"]))
+        if problem:
+            raise RunFailed(f"the broadcast of round {down.meta['round']} is refused: {problem}")
         target = int(down.meta["round"])
         if target == self.model_round:
             return
@@ -68,7 +90,7 @@ class SeedScalarMethod(FederatedMethod):
             raise RuntimeError(f"client at round {self.model_round} got round {target}: "
                                "replay the dictionary history (rebuild) to catch up")
         seeds, grads = self.pairs_to_replay(down)
-        zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay, self.sampler)
+        zo.replay(self.params, seeds, grads, self.cfg.zo_lr, self.cfg.weight_decay, self.sampler)
         self.model_round = target
 
     @torch.no_grad()
@@ -76,7 +98,7 @@ class SeedScalarMethod(FederatedMethod):
         self.sync(model, down)
         with zo.restored(self.params):  # back to the global weights for the next client
             seeds = self.client_seeds(down, data, rng)
-            n, eps, lr = self.cfg.zo.samples, self.cfg.zo.eps, self.cfg.zo.lr
+            n, eps, lr = self.cfg.zo.samples, self.cfg.zo_eps, self.cfg.zo_lr
             grads, losses = [], []
             for step in range(self.cfg.local_steps):
                 batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
@@ -93,9 +115,35 @@ class SeedScalarMethod(FederatedMethod):
                 zo.decay(self.params, lr, self.cfg.weight_decay)
                 grads += [g / n for g, _ in estimates]
                 losses += [loss for _, loss in estimates]
-        return self.stamp(self.reply(seeds, grads, data, sum(losses) / len(losses)))
+        return self.seal(self.reply(seeds, grads, data, sum(losses) / len(losses)), int(down.meta["round"]) + 1)
+
+    # ----------------------------------------------------------------- what a reply may hold
+    def pairs_per_reply(self, down: Message) -> int:
+        """How many (seed, scalar) pairs a client's reply to `down` carries."""
+        return self.cfg.local_steps * self.cfg.zo.samples
+
+    def expected_reply(self, down):
+        n = self.pairs_per_reply(down)
+        return {self.seed_field: ((n,), self.seed_dtype), "grads": ((n,), torch.float32)}
+
+    def reply_problem(self, reply, down):
+        """Also refused: pairs made by another z sampler, a MAC that does not match (with a
+        federation key), and seeds this method never draws."""
+        tag = reply.meta.get("zo") or zo.LEGACY.tag
+        if tag != self.sampler.tag:
+            return f"made with z sampler {tag}, this run uses {self.sampler.tag}"
+        return (self.mac_problem(reply, int(down.meta["round"]) + 1) or super().reply_problem(reply, down)
+                or self.seeds_problem(reply.tensors[self.seed_field], down))
+
+    def seeds_problem(self, seeds: torch.Tensor, down: Message) -> str | None:
+        """Why these seeds cannot come from an honest client (None: they can)."""
+        return None
 
     # ----------------------------------------------------------------- method specifics
+    @abstractmethod
+    def broadcast(self, state) -> Message:
+        """What the server sends (meta "round": the global state's round); `downlink` seals it."""
+
     @abstractmethod
     def client_seeds(self, down: Message, data: ClientData, rng: torch.Generator) -> list[int]:
         """The seeds of the local steps: local_steps x zo.samples of them, step by step."""
@@ -118,7 +166,7 @@ class SeedScalarMethod(FederatedMethod):
         weights; all of it onto the initial weights (a late joiner's catch-up, or an evaluator
         that never trained). Bit-identical to the synced model."""
         for seeds, grads in self.history(state)[start:]:
-            zo.replay(self.params, seeds, grads, self.cfg.zo.lr, self.cfg.weight_decay, self.sampler)
+            zo.replay(self.params, seeds, grads, self.cfg.zo_lr, self.cfg.weight_decay, self.sampler)
 
     def checkpoint_state(self) -> dict:
         return {**super().checkpoint_state(), "zo": self.sampler.tag}

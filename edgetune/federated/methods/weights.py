@@ -32,6 +32,8 @@ def sample_batch(data: ClientData, batch_size: int, rng: torch.Generator):
 
 class WeightMethod(FederatedMethod):
     control_keys: tuple[str, ...] = ()  # small non-weight tensors of the state that go down too
+    side_tensors: tuple[str, ...] = ()  # small 1-D float tensors a reply may add (e.g. layer scores)
+    partial_replies = False  # True: a client sends only the blocks it trained (FedSelFT, FedPepTAO)
 
     def prepare_model(self, model):
         model = prepare_trainable(model, self.cfg.trainable_set, self.cfg, self.tok)
@@ -56,6 +58,13 @@ class WeightMethod(FederatedMethod):
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, p in self.blocks.items():
             p.copy_(tensors.get(key, self.initial[key]))
+
+    def expected_reply(self, down):
+        blocks = {k: (tuple(p.shape), p.dtype) for k, p in self.blocks.items()}
+        return {**blocks, **{k: (None, None) for k in self.side_tensors}}
+
+    def required_reply(self, down):
+        return () if self.partial_replies else tuple(self.blocks)
 
     def client_update(self, model, down, data, rng):
         self.load(down.tensors)

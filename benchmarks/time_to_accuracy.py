@@ -1,0 +1,214 @@
+"""Time to accuracy: how the global model's dev accuracy grows with training seconds, client
+steps and bytes exchanged, method by method (issue 22: the question a practitioner choosing a
+method asks).
+
+Every case runs through the real engine on the partition stage's clients; every `--eval-every`
+rounds the global model is scored on the dev split (the scoring is not counted as training
+time). Each point is logged to MLflow as step-indexed metrics of the case's child run
+(dev_accuracy, train_seconds, client_steps, megabytes: in the UI, pick train_seconds or
+megabytes as a chart's x-axis), written to benchmarks/results/<name>.json, and drawn in
+<name>.png (accuracy vs minutes, vs client steps, vs MB).
+
+Long budgets resume: each case saves every round in benchmarks/.cache/tta/<name>/<label>
+(federated/resume.py, keyed by the case's config), so a killed run, or a second run with a
+larger --minutes or --rounds, goes on from the last round with the curve so far; a case that
+already used its budget is not trained again (add cases to a finished command and re-run it).
+
+    python -m benchmarks.time_to_accuracy --rounds 100 --local-steps 5 --eval-every 5 \
+        --minutes 30 --name tta_sst2 --methods fedit fedkseed fedkseed-lora job mezo \
+        --set fedkseed-lora:method=fedkseed --set fedkseed-lora:trainable=lora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+class OutOfTime(Exception):
+    """The case has used its --minutes of training time (its rounds are saved for resume)."""
+
+
+class Curve:
+    """One case's points, kept beside its resume state so a resumed run keeps the old ones."""
+
+    def __init__(self, folder: Path):
+        self.file = folder / "curve.json"
+        self.points: list[dict] = json.loads(self.file.read_text()) if self.file.is_file() else []
+        self.seconds = self.steps = self.bytes = 0.0
+
+    def add_round(self, log, steps_per_client: int) -> None:
+        """Running totals over rounds (restored rounds are passed again on resume)."""
+        self.seconds += log.seconds
+        self.steps += len(log.clients) * steps_per_client
+        self.bytes += log.bytes_exchanged
+
+    def record(self, rnd: int, accuracy: float, train_loss: float) -> dict:
+        point = {"round": rnd, "accuracy": accuracy, "train_seconds": self.seconds,
+                 "client_steps": int(self.steps), "megabytes": self.bytes / 1e6, "train_loss": train_loss}
+        self.points = [p for p in self.points if p["round"] < rnd] + [point]
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        self.file.write_text(json.dumps(self.points, indent=1))
+        return point
+
+
+def log_point(mlflow, point: dict) -> None:
+    mlflow.log_metrics({"dev_accuracy": point["accuracy"], "train_seconds": point["train_seconds"],
+                        "client_steps": point["client_steps"], "megabytes": point["megabytes"]},
+                       step=point["round"])
+
+
+def accuracy_within(points: list[dict], minutes: float) -> float | None:
+    """The last measured accuracy whose training time fits in `minutes` (equal-budget table)."""
+    fitting = [p["accuracy"] for p in points if p["train_seconds"] <= minutes * 60]
+    return fitting[-1] if fitting else None
+
+
+def run_case(label, cfg, path, task, clients, score, args, mlflow) -> list[dict]:
+    """Train one case until its rounds or minutes run out, scoring every eval_every rounds."""
+    from edgetune.federated.engine import run_federation
+    from edgetune.federated.resume import ResumeFolder, fingerprint
+    from edgetune.federated.setup import attack_of, centralize, prepare
+
+    use, rate = clients, cfg.sample_rate
+    if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
+        use, rate, cfg = centralize(clients, cfg)
+    folder = Path(args.cache) / args.name / label
+    shape = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "num_rounds"}  # more rounds: go on
+    resume = ResumeFolder(folder, fingerprint({"cfg": shape, "task": args.task}, [Path(args.partitions)]))
+    curve = Curve(folder)
+    if curve.points and (curve.points[-1]["train_seconds"] >= args.minutes * 60
+                         or curve.points[-1]["round"] >= cfg.num_rounds):
+        for point in curve.points:  # done on an earlier run: nothing to train
+            log_point(mlflow, point)
+        return curve.points
+    method, model = prepare(path, task, cfg, len(use), rate)
+    per_client = cfg.local_steps * (cfg.zo.samples if cfg.spec.zo else 1)
+    losses: dict[int, float] = {}
+
+    def on_round(log):
+        curve.add_round(log, per_client)
+        losses[log.round] = log.train_loss
+
+    def on_global(rnd, state):
+        out_of_time = curve.seconds >= args.minutes * 60 and rnd < cfg.num_rounds
+        if rnd % args.eval_every == 0 or rnd == cfg.num_rounds or out_of_time:
+            method.apply_global(model, state)
+            point = curve.record(rnd, score(model, f"{label} round {rnd}"), losses[rnd])
+            log_point(mlflow, point)
+            print(f"{label} round {rnd}: accuracy {point['accuracy']:.4f} after "
+                  f"{point['train_seconds'] / 60:.1f} min, {point['client_steps']} client steps, "
+                  f"{point['megabytes']:.2f} MB", flush=True)
+        if out_of_time:
+            raise OutOfTime
+
+    for point in curve.points:  # what earlier runs of this case measured
+        log_point(mlflow, point)
+    try:
+        run_federation(method, model, use, num_rounds=cfg.num_rounds, sample_rate=rate, seed=cfg.seed,
+                       attack=attack_of(cfg, len(use)), resume=resume, on_round=on_round, on_global=on_global)
+    except OutOfTime:
+        pass
+    return curve.points
+
+
+def plot(results: dict, zero_shot: float, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes_of = [("train_seconds", "training minutes", 1 / 60, "linear"),
+               ("client_steps", "client steps", 1, "linear"), ("megabytes", "MB exchanged", 1, "log")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
+        for label, case in results.items():
+            pts = case["curve"]
+            ax.plot([p[key] * scale for p in pts], [p["accuracy"] for p in pts], marker="o", ms=3, label=label)
+        ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
+        ax.set_xlabel(xlabel)
+        ax.set_xscale(xscale)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("dev accuracy")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Time to accuracy: global model on the whole dev split")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    from benchmarks.common import case_arguments
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    case_arguments(p, ["fedit", "fedkseed", "job", "mezo"])
+    p.add_argument("--rounds", type=int, default=100, help="most rounds per case")
+    p.add_argument("--minutes", type=float, default=30.0, help="training minutes per case (scoring excluded)")
+    p.add_argument("--eval-every", type=int, default=5, help="rounds between two scorings")
+    p.add_argument("--cache", default="benchmarks/.cache/tta", help="resume state and curves per case")
+    p.add_argument("--name", default="tta_sst2")
+    args = p.parse_args(argv)
+
+    import pandas as pd
+
+    from benchmarks.common import RESULTS, method_config, model_dir, parse_overrides, save
+    from edgetune import tracking
+    from edgetune.config import load_params
+    from edgetune.federated.setup import load_clients
+    from edgetune.models import load_hf
+    from edgetune.scoring import accuracy, label_token_ids
+    from edgetune.tasks import get_task
+
+    params, path, task = load_params(args.params), str(model_dir(args.model)), get_task(args.task)
+    clients = load_clients(args.partitions)
+    frame = pd.read_parquet(args.eval)
+    frame = frame.head(args.max_eval) if args.max_eval else frame
+    prompts, gold = frame["prompt"].tolist(), frame["label"].astype(int).tolist()
+    base, tok = load_hf(path)
+    ids = label_token_ids(tok, task.label_words)
+
+    def score(model, what: str) -> float:
+        return accuracy(model, tok, prompts, gold, ids, 16, 128, what)
+
+    zero_shot = score(base, "zero-shot")
+    del base
+    budget = {"num_rounds": args.rounds, **({"local_steps": args.local_steps} if args.local_steps else {})}
+    overrides = parse_overrides(args.set)
+    mlflow = tracking.configure("edgetune-benchmarks")
+    results = {}
+    with mlflow.start_run(run_name=f"{args.name} curves", tags={"edgetune.benchmark": args.name}):
+        for label in args.methods:
+            cfg = method_config(params.finetune, label, budget, overrides)
+            with mlflow.start_run(run_name=label, nested=True, tags={"edgetune.benchmark": args.name}):
+                mlflow.log_params({"method": cfg.method, "trainable": cfg.trainable_set,
+                                   "overrides": " ".join(s for s in args.set if s.startswith(f"{label}:")),
+                                   **cfg.resolved()})
+                t0 = time.perf_counter()
+                points = run_case(label, cfg, path, task, clients, score, args, mlflow)
+            results[label] = {
+                "method": cfg.method, "trainable": cfg.trainable_set, "curve": points,
+                "final_accuracy": points[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in points),
+                "gain_points": 100 * (points[-1]["accuracy"] - zero_shot),
+                "train_minutes": points[-1]["train_seconds"] / 60, "client_steps": points[-1]["client_steps"],
+                "megabytes": points[-1]["megabytes"], "wall_minutes_this_run": (time.perf_counter() - t0) / 60,
+                "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr, **({"eps": cfg.zo_eps} if cfg.spec.zo else {}),
+                "overrides": " ".join(s for s in args.set if s.startswith(f"{label}:")),
+            }
+    budgets = sorted({5, 10, 15, 30, 60, 90, args.minutes})
+    table = {label: {f"{m:g} min": accuracy_within(r["curve"], m) for m in budgets} for label, r in results.items()}
+    png = RESULTS / f"{args.name}.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    plot(results, zero_shot, png)
+    out = save(args.name, {"zero_shot": {"accuracy": zero_shot}, **results, "at_equal_minutes": table},
+               {"model": path, "task": args.task, "eval_examples": len(prompts), "rounds": args.rounds,
+                "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(args.methods),
+                "local_steps": args.local_steps or params.finetune.local_steps, "overrides": " ".join(args.set)},
+               artifacts=[png])
+    print(json.dumps(table, indent=1))
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""What makes zeroth-order fine-tuning learn (issue 22): per-trainable-set step sizes, LoRA
+inits that give ZO a signal through both factors, and the time-to-accuracy benchmark."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from edgetune.config import FinetuneParams
+from edgetune.federated import registry, zo
+from tests.helpers import build, make_clients
+
+
+def test_zo_lr_and_eps_auto_follow_the_trainable_set():
+    full = FinetuneParams(method="fedkseed")
+    lora = FinetuneParams(method="fedkseed", trainable="lora")
+    assert (full.zo_lr, full.zo_eps) == (registry.ZO_DEFAULTS["full"].lr, registry.ZO_DEFAULTS["full"].eps)
+    assert (lora.zo_lr, lora.zo_eps) == (registry.ZO_DEFAULTS["lora"].lr, registry.ZO_DEFAULTS["lora"].eps)
+    assert lora.zo_lr > 10 * full.zo_lr  # a LoRA step at the full-weight lr does not move the model
+    pinned = FinetuneParams(method="fedkseed", trainable="lora", zo={"lr": 0.5, "eps": 0.25})
+    assert (pinned.zo_lr, pinned.zo_eps) == (0.5, 0.25)
+    assert pinned.resolved() == {"finetune.zo.lr_resolved": 0.5, "finetune.zo.eps_resolved": 0.25}
+    assert FinetuneParams(method="fedit").resolved() == {"finetune.lr_resolved": 1e-3}
+    assert set(registry.ZO_DEFAULTS) == set(registry.TRAINABLE_SETS)
+
+
+@pytest.mark.parametrize("init, message", [
+    ("eva", "computed from data"), ("corda", "computed from data"), ("loftq", "computed from data"),
+    ("kaiming", "is not a LoRA init"), ("pissa_niter_", "is not a LoRA init"),
+])
+def test_lora_inits_clients_cannot_share_are_refused(init, message):
+    with pytest.raises(ValueError, match=f"finetune.lora.init: .*{message}"):
+        FinetuneParams(lora={"init": init})
+
+
+def test_orthogonal_lora_init_needs_an_even_rank():
+    with pytest.raises(ValueError, match="orthogonal needs an even finetune.lora.r, got 7"):
+        FinetuneParams(lora={"init": "orthogonal", "r": 7})
+    assert FinetuneParams(lora={"init": "pissa_niter_4"}).lora.peft_init == "pissa_niter_4"
+    assert FinetuneParams().lora.peft_init is True
+
+
+def lora_factors(model) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    named = dict(model.named_parameters())
+    return ([p for n, p in named.items() if "lora_A" in n], [p for n, p in named.items() if "lora_B" in n])
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("init", ["default", "gaussian", "orthogonal", "pissa", "pissa_niter_2", "olora"])
+def test_every_lora_init_starts_each_client_at_the_base_model_with_the_same_adapter(tiny_model_dir, init):
+    """A federation needs every client to build the same adapter (seeded by finetune.seed, or
+    computed from the base weights), and the model before training to be the base model."""
+    from edgetune.models import load_hf
+
+    cfg = FinetuneParams(method="fedkseed", trainable="lora", lora={"init": init})
+    _, first = build(tiny_model_dir, cfg)
+    _, second = build(tiny_model_dir, cfg)
+    base, tok = load_hf(tiny_model_dir)
+    batch = tok(["a fine movie", "dull"], return_tensors="pt", padding=True)
+    for a, b in zip(first.parameters(), second.parameters()):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(logits(first, batch), logits(base, batch), atol=1e-4, rtol=1e-4)
+    a, b = lora_factors(first)
+    assert all(x.abs().sum() > 0 for x in a)
+    assert all(x.abs().sum() > 0 for x in b) == (init not in ("default", "gaussian"))
+
+
+def test_with_b_zero_perturbing_a_is_pure_noise_for_zo_and_orthogonal_init_fixes_it(tiny_model_dir, sst2_prompts):
+    """The hypothesis behind finetune.lora.init for ZO: with peft's default B = 0, a
+    perturbation of A alone leaves the loss exactly unchanged (no first-order signal); with
+    both factors non-zero it does not."""
+    gaps = {}
+    for init in ("default", "orthogonal"):
+        cfg = FinetuneParams(method="fedkseed", trainable="lora", lora={"init": init})
+        method, model = build(tiny_model_dir, cfg)
+        a, _ = lora_factors(model)
+        batch = method.objective.batch(sst2_prompts[0][:8], sst2_prompts[1][:8])
+        with torch.no_grad():
+            before = float(method.objective.loss(model, batch))
+            zo.perturb(a, seed=3, scale=1e-2)
+            gaps[init] = abs(float(method.objective.loss(model, batch)) - before)
+    assert gaps["default"] == 0.0
+    assert gaps["orthogonal"] > 1e-7
+
+
+def tiny_project(tmp_path, sst2_prompts):
+    """Partition and dev files as the pipeline writes them, for the benchmark to read."""
+    parts = tmp_path / "partitions"
+    parts.mkdir()
+    for c in make_clients(sst2_prompts, n=4, size=16):
+        pd.DataFrame({"prompt": c.prompts, "label": c.targets}).to_parquet(parts / f"client_{c.client_id:04d}.parquet")
+    dev = tmp_path / "eval.parquet"
+    pd.DataFrame({"prompt": sst2_prompts[0][300:332], "label": sst2_prompts[1][300:332]}).to_parquet(dev)
+    return parts, dev
+
+
+def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model_dir, sst2_prompts, tmp_path,
+                                                                     monkeypatch, capsys):
+    """A longer budget resumes the saved case instead of training it again: the second run
+    trains and scores only the new rounds, a third with the same budget trains nothing, and
+    the curve holds every round's point."""
+    import benchmarks.common
+    from benchmarks import time_to_accuracy
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    parts, dev = tiny_project(tmp_path, sst2_prompts)
+    args = ["--model", str(tiny_model_dir), "--partitions", str(parts), "--eval", str(dev),
+            "--methods", "fedkseed", "--set", "fedkseed:trainable=lora", "--local-steps", "1",
+            "--eval-every", "1", "--cache", str(tmp_path / "cache"), "--name", "tta_test"]
+    time_to_accuracy.main([*args, "--rounds", "2"])
+    first = capsys.readouterr().out
+    time_to_accuracy.main([*args, "--rounds", "3"])
+    second = capsys.readouterr().out
+    assert "fedkseed round 1:" in first and "fedkseed round 2:" in first
+    assert "fedkseed round 1:" not in second and "fedkseed round 3:" in second
+    time_to_accuracy.main([*args, "--rounds", "3"])  # nothing left to train: the saved curve
+    assert "fedkseed round" not in capsys.readouterr().out
+    record = json.loads((tmp_path / "results" / "tta_test.json").read_text())
+    curve = record["results"]["fedkseed"]["curve"]
+    assert [p["round"] for p in curve] == [1, 2, 3]
+    assert [p["client_steps"] for p in curve] == [2, 4, 6]  # 2 of 4 clients x 1 step per round
+    assert curve[0]["train_seconds"] < curve[1]["train_seconds"] < curve[2]["train_seconds"]
+    assert (tmp_path / "results" / "tta_test.png").stat().st_size > 10_000
+    assert set(record["results"]["at_equal_minutes"]["fedkseed"]) >= {"5 min", "30 min", "90 min"}
