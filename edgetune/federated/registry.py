@@ -74,7 +74,7 @@ class ZODefaults:
     eps: float
 
 
-# From recorded runs (docs/results.md#zeroth-order-methods-that-learn): full weights, the best
+# From recorded runs (docs/results.md#zeroth-order-methods-time-to-accuracy): full weights, the best
 # of lr 1e-5 / 3e-5 / 1e-4 in benchmarks/results/zo_sweep_full.json (FedKSeed, SST-2, 8
 # Dirichlet clients, 160 client steps); lora, benchmarks/results/methods_sst2.json; prefix,
 # prompt and bitfit: LoRA's eps and a third of its lr, not swept yet.
