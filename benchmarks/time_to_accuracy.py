@@ -126,7 +126,9 @@ def plot(results: dict, zero_shot: float, out: Path) -> None:
     for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
         for label, case in results.items():
             pts = case["curve"]
-            ax.plot([p[key] * scale for p in pts], [p["accuracy"] for p in pts], marker="o", ms=3, label=label)
+            start = [] if xscale == "log" else [(0.0, zero_shot)]  # every case starts at the base model
+            xy = start + [(p[key] * scale, p["accuracy"]) for p in pts]
+            ax.plot(*zip(*xy), marker="o", ms=3, label=label)
         ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
