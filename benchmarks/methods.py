@@ -30,6 +30,9 @@ def main(argv=None) -> None:
     p.add_argument("--max-length", type=int, help="prompt tokens kept (default: finetune.max_length)")
     p.add_argument("--name", default="methods_sst2")
     p.add_argument("--update", action="store_true", help="merge into an existing results file")
+    p.add_argument("--replay-without-key", action="store_true",
+                   help="cases with finetune.zo.secret: also replay the final dictionary onto the base "
+                   "model without the key (an eavesdropper) and score that model")
     args = p.parse_args(argv)
 
     import pandas as pd
@@ -79,11 +82,18 @@ def main(argv=None) -> None:
             "mean_loss_first_quarter": sum(h.train_loss for h in history[:max(1, len(history) // 4)]) / max(1, len(history) // 4),
             "mean_loss_last_quarter": sum(h.train_loss for h in history[-max(1, len(history) // 4):]) / max(1, len(history) // 4),
             "bytes_per_client_round": history[-1].bytes_up_per_client + history[-1].bytes_down_per_client,
+            "replies_aggregated": sum(len(h.clients) for h in history),
+            "replies_rejected": sum(len(h.rejected) for h in history),  # malformed / bad MAC
             "method": cfg.method, "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "overrides": " ".join(s for s in args.set if s.startswith(f"{name}:")),
             **method.round_metrics(state),  # e.g. dp_epsilon spent over the run
         }
+        if args.replay_without_key and cfg.spec.zo and cfg.zo.secret:
+            thief = eavesdropper_model(path, get_task(args.task), cfg, state, len(use), rate)
+            results[name]["accuracy_replayed_without_key"] = accuracy(thief, tok, prompts, gold, ids, 16, 128,
+                                                                      f"{name} replayed without the key")
+            del thief
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()})
         # a long grid should not lose finished cells to a crash: keep them in <name>.tmp
         (RESULTS / f"{args.name}.tmp").write_text(json.dumps(results, indent=2, sort_keys=True))
@@ -91,6 +101,18 @@ def main(argv=None) -> None:
                        **{f"budget.{k}": v for k, v in budget.items()}})
     run_params["methods"] = ",".join(k for k in results if k != "zero_shot")
     print(save(args.name, results, run_params))
+
+
+def eavesdropper_model(path: str, task, cfg, state, num_clients: int, rate: float):
+    """The model of someone who intercepted every broadcast (the whole seed-scalar dictionary)
+    and holds the public base model, but not the federation key: the dictionary replayed onto
+    the base weights with unkeyed seeds."""
+    from edgetune.federated.setup import prepare
+
+    thief_cfg = cfg.model_copy(update={"zo": cfg.zo.model_copy(update={"secret": None})})
+    method, model = prepare(path, task, thief_cfg, num_clients, rate)
+    method.rebuild(model, state)
+    return model
 
 
 if __name__ == "__main__":

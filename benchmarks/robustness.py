@@ -15,6 +15,7 @@ clients, same budget, the global model scored on the dev split).
     python -m benchmarks.robustness --method fedit              # attacks -> results/robust_fedit.json
     python -m benchmarks.robustness --method fedkseed
     python -m benchmarks.robustness --method fedit --part dp    # -> results/dp_fedit.json
+    python -m benchmarks.robustness --method fedkseed --part keyed  # -> results/keyed_fedkseed.json
     python -m benchmarks.robustness --table                     # -> results/robustness.md
 
 The 10-client partition is made once by the partition stage into benchmarks/.cache/robust/.
@@ -84,6 +85,26 @@ def attack_cases(method: str, zo_k: int | None = None) -> dict[str, dict]:
     return out
 
 
+def keyed_cases(method: str, zo_k: int | None = None) -> dict[str, dict]:
+    """label -> finetune overrides: FedKSeed with a federation key (sealed messages, keys.py),
+    clean and under the replayed_seeds attack with the plain mean: the replayed replies carry
+    an old round's MAC, so the server rejects them instead of averaging them in."""
+    base = {**attack_cases(method, zo_k)["clean"], "zo.secret": f"file:{benchmark_key()}"}
+    return {"clean/keyed": base,
+            "replayed_seeds/mean+mac": {**base, "attack.kind": "replayed_seeds", "attack.fraction": FRACTION,
+                                        "attack.scale": 10.0}}
+
+
+def benchmark_key() -> Path:
+    """A fixed 256-bit key, so the keyed cases are reproducible: a benchmark key, not a secret."""
+    import hashlib
+
+    path = CACHE / "robust" / "benchmark.key"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hashlib.sha256(b"edgetune robustness benchmark key").hexdigest())
+    return path
+
+
 def dp_cases(method: str) -> dict[str, dict]:
     """label -> finetune overrides: clean, then DP at each noise level."""
     spec = METHODS[method]
@@ -100,8 +121,9 @@ def run(method: str, args) -> None:
     from benchmarks import methods
 
     parts = partition(CACHE / "robust", args.prepared)
-    labels = attack_cases(method, args.zo_k) if args.part == "attacks" else dp_cases(method)
-    name = args.name or (f"robust_{method}" if args.part == "attacks" else f"dp_{method}")
+    labels = {"attacks": attack_cases, "keyed": keyed_cases}[args.part](method, args.zo_k) \
+        if args.part != "dp" else dp_cases(method)
+    name = args.name or {"attacks": f"robust_{method}", "keyed": f"keyed_{method}", "dp": f"dp_{method}"}[args.part]
     argv = ["--partitions", str(parts), "--eval", f"{args.prepared}/eval.parquet",
             "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--name", name,
             "--methods", *(args.only or labels)]
@@ -109,6 +131,8 @@ def run(method: str, args) -> None:
         argv += ["--max-eval", str(args.max_eval)]
     if args.update:
         argv.append("--update")
+    if args.part == "keyed":
+        argv.append("--replay-without-key")
     for label, overrides in labels.items():
         argv += [a for key, value in overrides.items() for a in ("--set", f"{label}:{key}={value}")]
     methods.main(argv)
@@ -176,7 +200,8 @@ def table() -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=sorted(METHODS))
-    p.add_argument("--part", choices=["attacks", "dp"], default="attacks")
+    p.add_argument("--part", choices=["attacks", "dp", "keyed"], default="attacks",
+                   help="keyed (fedkseed): a federation key's sealed messages against replayed_seeds")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these cases (e.g. clean sign_flip/krum)")
     p.add_argument("--name", help="results file name (default robust_<method> / dp_<method>); e.g. to run "
                    "some cases in a second process, then --merge its file")

@@ -612,6 +612,45 @@ class ExportParams(Section):
         return v
 
 
+# --------------------------------------------------------------------------- audit
+class AuditParams(Section):
+    """Memorization audit (edgetune/audit.py; docs/reliability.md): canaries planted by the
+    partition stage, their exposure and a membership-inference AUC measured by evaluate."""
+
+    canaries: int = Field(0, ge=0, description="random secrets planted in audit.clients' training "
+                          "data (Carlini et al. 2019); 0 = none")
+    repetitions: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [1, 4, 16], min_length=1,
+        description="copies of each canary: canary i is planted repetitions[i % len] times")
+    clients: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0], min_length=1, description="clients whose data hold the canaries")
+    template: str = Field("my account number is {secret}",
+                          description="the canary sentence; {secret} is replaced by the random digits")
+    digits: int = Field(8, ge=4, le=18, description="digits of a secret (grouped by four)")
+    candidates: int = Field(1000, ge=10, description="random secrets each canary is ranked among")
+    members: int = Field(0, ge=0, description="membership inference: rows of the audited clients "
+                         "scored as members against as many held out of every client; 0 = off")
+    seed: int = Field(0, description="seed of the secrets, the copies' placement and the held-out rows")
+
+    @field_validator("template")
+    @classmethod
+    def _one_secret(cls, v: str) -> str:
+        if v.count("{secret}") != 1 or not v.partition("{secret}")[0].strip():
+            raise ValueError(f"audit.template: {v!r} must hold {{secret}} exactly once, after some text")
+        return v
+
+    @field_validator("clients")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"audit.clients: {v} names a client twice")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.canaries or self.members)
+
+
 # --------------------------------------------------------------------------- tracking
 class TrackingParams(Section):
     experiment: str = Field("edgetune-sst2", min_length=1, description="MLflow experiment name")
@@ -625,6 +664,7 @@ class Params(Section):
     compress: CompressParams = CompressParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    audit: AuditParams = AuditParams()
     tracking: TrackingParams = TrackingParams()
 
     @model_validator(mode="after")
@@ -642,6 +682,14 @@ class Params(Section):
         if ft.aggregation.rule == "krum" and k < 2 * f + 3:
             raise ValueError(f"finetune.aggregation.krum_f: {f} needs at least 2 krum_f + 3 = {2 * f + 3} "
                              f"clients per round, a round samples {k} ({why})")
+        return self
+
+    @model_validator(mode="after")
+    def _audited_clients_exist(self):
+        n = self.partition.num_clients
+        bad = [c for c in self.audit.clients if c >= n] if self.audit.enabled else []
+        if bad:
+            raise ValueError(f"audit.clients: client {bad[0]} does not exist (partition.num_clients is {n}: 0..{n - 1})")
         return self
 
     @model_validator(mode="after")

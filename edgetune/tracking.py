@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore", message="The specified dataset source can be i
 PARENT_ENV = "EDGETUNE_PARENT_RUN_ID"
 DVC_EXP_ENV = "DVC_EXP_NAME"  # set by DVC for the stages of `dvc exp run`
 RUN_NAME_ENV = "EDGETUNE_RUN_NAME"  # a parent run name chosen by the caller (flows/benchmark.py)
-NAME_ORDER = ["finetune", "compress", "partition", "data", "evaluate", "model", "tracking"]
+NAME_ORDER = ["finetune", "compress", "export", "partition", "data", "audit", "evaluate", "model", "tracking"]
 KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"  # the UI opens on runs
 VIEW_TAG = "mlflow.sharedViewState.edgetune-compare"  # compare_view_state()
 DATASETS = {  # what the pipeline's parent run logs as dataset inputs: name -> (path, context)
@@ -152,10 +152,17 @@ def parent_run_name(params: Params) -> str:
         return name
     ft = params.finetune
     shown = {"finetune.method", "finetune.trainable", "data.task", "tracking.experiment", "model.source"}
-    changed = sorted(changed_knobs(params).items(), key=lambda kv: NAME_ORDER.index(kv[0].split(".")[0]))
+    changed = sorted(changed_knobs(params).items(), key=lambda kv: name_rank(kv[0]))
     extra = [f"{k.rsplit('.', 1)[-1]}={v}" for k, v in changed if k not in shown]
     return " ".join([f"{ft.method}/{ft.trainable_set}", params.data.task, *extra[:2]]
                     + ([f"+{len(extra) - 2}"] if len(extra) > 2 else []))
+
+
+def name_rank(knob: str) -> int:
+    """Where a changed knob goes in a run name: by its block's place in NAME_ORDER (a block
+    not listed goes last)."""
+    block = knob.split(".")[0]
+    return NAME_ORDER.index(block) if block in NAME_ORDER else len(NAME_ORDER)
 
 
 def pipeline_tags(params: Params) -> dict[str, str]:

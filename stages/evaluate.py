@@ -58,6 +58,20 @@ def exported_files(folder: str | None, formats: list[str]) -> dict[str, Path]:
     return files
 
 
+def audit_model(folder: str, partitions: str | None, params) -> dict:
+    """The memorization audit of the fine-tuned model (exposure per canary, membership AUC);
+    write_metrics logs its numbers to this stage's MLflow run as audit.* metrics."""
+    from edgetune.audit import AUDIT_DIR, measure
+    from edgetune.models import load_hf
+    from edgetune.tasks import get_task
+
+    if not partitions:
+        raise BadInput("audit.*: set, but evaluate was given no --partitions folder to read the canaries from")
+    model, tok = load_hf(folder)
+    return measure(model, tok, get_task(params.data.task), Path(partitions) / AUDIT_DIR, params.audit,
+                   params.finetune.max_length)
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--data", required=True, help="prepared data folder")
@@ -68,6 +82,8 @@ def main(argv=None):
                    "measurement stands for the 'compressed' model)")
     p.add_argument("--exported", help="the export stage's folder: each <format>/model.gguf is scored "
                    "inside its runtime (llama.cpp)")
+    p.add_argument("--partitions", help="the partition stage's folder: with audit.* set, its audit/ "
+                   "canaries and members are scored on the fine-tuned model (edgetune/audit.py)")
     p.add_argument("--metrics", required=True)
     args = p.parse_args(argv)
     models = named_models(args.model)
@@ -101,6 +117,8 @@ def main(argv=None):
                             "runtime": "llama.cpp"}
         if "base" in results and "finetuned" in results:
             results["gain_over_zero_shot"] = results["finetuned"]["score"] - results["base"]["score"]
+        if params.audit.enabled and "finetuned" in folders:
+            results["audit"] = audit_model(folders["finetuned"], args.partitions, params)
         write_metrics(args.metrics, results)
         for name, folder in folders.items():
             log_model(ROLES.get(name, name), folder, results[name], params, f"{args.data}/eval.parquet")

@@ -1,4 +1,5 @@
-"""partition: split the prepared train split over simulated clients (flwr-datasets)."""
+"""partition: split the prepared train split over simulated clients (flwr-datasets); with
+audit.* set, plant the memorization audit's canaries and hold its non-members out (audit.py)."""
 
 import json
 from pathlib import Path
@@ -23,9 +24,19 @@ def main(argv=None):
         from edgetune.tracking import log_datasets
 
         train = datasets.Dataset.from_parquet(str(require_parquet(train_file)))
+        audit = params.audit
+        if audit.enabled:  # non-members leave before partitioning; canaries join after
+            from edgetune.audit import hold_out
+
+            train, nonmembers = hold_out(train, audit)
         clients = partition(train, params.partition)
         out = Path(args.out)
         out.mkdir(parents=True)
+        if audit.enabled:
+            from edgetune.audit import plant
+            from edgetune.tasks import get_task
+
+            clients = plant(clients, audit, get_task(params.data.task).target_column, nonmembers, out)
         for i, client in enumerate(clients):
             client.to_parquet(out / f"client_{i:04d}.parquet")
         by = params.partition.by

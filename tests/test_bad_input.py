@@ -183,6 +183,13 @@ CASES = [
          {"finetune": {"lora": {"init": "orthogonal", "r": 5}}}),
     Case("params-bad-seed-attack-on-weights", "finetune", "finetune.attack.kind: bad_seed",
          {"finetune": {"attack": {"fraction": 0.5, "kind": "bad_seed"}}}),
+    # the memorization audit (edgetune/audit.py): checked before any row is planted
+    Case("params-audit-client-missing", "partition", "audit.clients: client 9 does not exist",
+         {"audit": {"canaries": 1, "clients": [9]}}),
+    Case("params-audit-template-without-secret", "partition", "audit.template",
+         {"audit": {"canaries": 1, "template": "my account number is"}}),
+    Case("data-audit-too-many-non-members", "partition", "audit.members: 30 non-members to hold out of 40",
+         {"audit": {"members": 30}}, parquet("data/train.parquet")),
     # a device this machine lacks (cuda:99 on any machine): named before any model is loaded
     Case("device-missing-finetune", "finetune", "model.device: cuda:99 requested", key("model.device", "cuda:99"),
          HF_MODEL_AND_ONE_CLIENT),

@@ -1,7 +1,7 @@
 """finetune.backend: flower — the same methods on Flower's Deployment Engine (a SuperLink and two
 SuperNodes on loopback, each owning two clients' partitions) and Simulation Engine (Ray), against
 the local backend with the same params: same clients each round, same losses, same metered
-bytes, and the same final global state, bit for bit. FedIT goes through the Prefect flow
+bytes, and the same final global state, bit for bit (the Simulation Engine: test_flower_simulation.py). FedIT goes through the Prefect flow
 (flows/federation.py) as a user would run it, with its rounds logged to MLflow by the ServerApp."""
 
 from __future__ import annotations
@@ -146,17 +146,6 @@ def test_fedit_through_the_prefect_federation_flow_matches_the_local_backend(tin
     assert [(m.step, m.value) for m in logged] == [(h.round, h.train_loss) for h in flower]
 
 
-def test_simulation_engine_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
-    pytest.importorskip("ray")
-    raw = finetune_params("fedkseed", rounds=2)
-    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
-    cfg = FinetuneParams(**{**raw, "flower": {**raw["flower"], "simulation": True}}, backend="flower")
-    summary, sim, sim_state = run(tiny_model_dir, partitions, tmp_path / "sim", cfg)
-    assert same(local_state, sim_state)
-    assert [(h.clients, h.train_loss) for h in local] == [(h.clients, h.train_loss) for h in sim]
-    assert summary["backend"] == "flower-simulation"
-
-
 def kill_federation(proc: subprocess.Popen) -> None:
     """SIGKILL the stage and every process of its federation (SuperLink with the ServerApp,
     SuperNodes with their ClientApps: each its own process group), by pid."""
@@ -179,10 +168,13 @@ def kill_federation(proc: subprocess.Popen) -> None:
             pass
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedkseed"])
+@pytest.mark.parametrize("method", ["fedkseed"])  # fedit: killed and resumed on the local backend
 def test_a_killed_federation_resumes_bit_identically(tiny_model_dir, partitions, tmp_path, method):
     """kill -9 of the whole federation after a round, then the stage again: it goes on from the
-    ServerApp's last saved round and ends as the local backend (= an uninterrupted Flower run)."""
+    ServerApp's last saved round and ends as the local backend (= an uninterrupted Flower run).
+    One method per backend: FedKSeed here (restarted SuperNodes catch up on missed broadcasts),
+    FedIT in test_resume.py; every method's resume bookkeeping is test_resume.py's
+    test_every_method_resumes_bit_identically."""
     from tests.test_resume import kill_after_round, start
 
     raw = finetune_params(method, rounds=3)

@@ -25,6 +25,7 @@ def project(tmp_path_factory, tiny_model_dir):
         "finetune": {"num_rounds": 2, "local_steps": 1, "batch_size": 4},
         "compress": {"calibration": {"samples": 4, "seq_len": 32}, "evaluate_steps": True},
         "evaluate": {"ppl_windows": 1, "ppl_seq_len": 32, "latency_new_tokens": 2},
+        "audit": {"canaries": 2, "repetitions": [1, 4], "clients": [0, 1], "members": 8, "candidates": 100},
         "tracking": {"experiment": "wiring"},
     })
     rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
@@ -86,6 +87,27 @@ def test_runs_are_named_and_know_their_data_and_models(project):
     compressed = next(m for m in ours.values() if m.name == "compressed")
     ev = json.loads((root / "metrics" / "evaluate.json").read_text())["compressed"]
     assert {x.key: x.value for x in compressed.metrics}["accuracy"] == ev["accuracy"]
+
+
+def test_the_audit_plants_canaries_in_partition_and_evaluate_scores_them(project):
+    """audit.*: the partition stage deals the canaries' copies over the audited clients and
+    holds the non-members out; evaluate reports exposure per repetition count and the
+    membership AUC of the fine-tuned model, in its metrics and its MLflow run."""
+    import pandas as pd
+
+    root, _, _ = project
+    canaries = json.loads((root / "data" / "partitions" / "audit" / "canaries.json").read_text())["canaries"]
+    assert [c["repetitions"] for c in canaries] == [1, 4]
+    prompts = [p for i in range(4) for p in pd.read_parquet(root / f"data/partitions/client_{i:04d}.parquet")["prompt"]]
+    assert [sum(c["secret"] in p for p in prompts) for c in canaries] == [1, 4]
+    held = set(pd.read_parquet(root / "data/partitions/audit/nonmembers.parquet")["prompt"])
+    assert len(held) == 8 and not held & set(prompts)
+    audit = json.loads((root / "metrics" / "evaluate.json").read_text())["audit"]
+    assert {"exposure_rep1", "exposure_rep4", "mia_auc"} <= audit.keys()
+    assert 0 <= audit["exposure_rep4"] <= audit["exposure_max_bits"] == pytest.approx(6.658, abs=1e-3)
+    _, children, _ = parent_and_children(root)
+    evaluate = next(r for r in children if r.data.tags["edgetune.stage"] == "evaluate")
+    assert evaluate.data.metrics["audit.mia_auc"] == audit["mia_auc"]
 
 
 def test_immediate_second_repro_runs_nothing(project):

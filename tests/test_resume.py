@@ -77,7 +77,7 @@ def runs(workspace):
     return client.search_runs([client.get_experiment_by_name("resume").experiment_id])
 
 
-@pytest.mark.parametrize("method", ["fedit", "fedkseed"])
+@pytest.mark.parametrize("method", ["fedit"])  # fedkseed: killed and resumed on Flower (test_flower.py)
 def test_killed_twice_then_resumed_is_bit_identical(workspace, method):
     ref, cut = workspace[0] / f"{method}-ref", workspace[0] / f"{method}-cut"
     for folder in (ref, cut):
