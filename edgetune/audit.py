@@ -9,8 +9,8 @@
   likely of all. Beyond that cap, `exposure_fit` extrapolates with a skew-normal fitted to the
   candidates' log-perplexities (the paper's Sec. 4.3 approximation; scipy).
 - Membership inference (Yeom et al. 2018): score = -loss of the task objective; AUC of members
-  (rows of the audited clients' data) against non-members (rows held out of every client's
-  data before partitioning, same distribution) with scikit-learn's roc_auc_score.
+  (rows drawn from all clients' data) against non-members (rows held out of every client's
+  data before partitioning: the same distribution) with scikit-learn's roc_auc_score.
 
 A canary is a training row: for a generation task the prompt is the template's prefix and the
 target the secret (the answer loss trains on it, as an LM trains on its corpus); for a
@@ -103,7 +103,7 @@ def plant(clients: list["datasets.Dataset"], cfg: AuditParams, target_column: st
           nonmembers: "datasets.Dataset", out: Path) -> list["datasets.Dataset"]:
     """The clients' data with the canaries planted (copies dealt round-robin over audit.clients,
     then each audited client shuffled with audit.seed), and out/audit/ holding canaries.json,
-    members.parquet (audit.members rows drawn from the audited clients' own rows) and
+    members.parquet (audit.members rows drawn from the clients' own rows, canaries aside) and
     nonmembers.parquet."""
     import datasets
 
@@ -131,13 +131,15 @@ def plant(clients: list["datasets.Dataset"], cfg: AuditParams, target_column: st
 
 
 def member_rows(clients: list["datasets.Dataset"], cfg: AuditParams) -> "datasets.Dataset":
-    """audit.members rows drawn (audit.seed) from the audited clients' own data."""
+    """audit.members rows drawn (audit.seed) uniformly from all clients' data: the same
+    distribution as the non-members, a uniform sample of the train split. (Drawn from one
+    client of a label-skewed split, members would differ from non-members by their labels,
+    and the AUC would measure that.)"""
     import datasets
 
-    pool = datasets.concatenate_datasets([clients[c] for c in cfg.clients])
+    pool = datasets.concatenate_datasets(clients)
     if cfg.members > len(pool):
-        raise BadInput(f"audit.members: {cfg.members} members asked, the audited clients {cfg.clients} "
-                       f"hold {len(pool)} rows")
+        raise BadInput(f"audit.members: {cfg.members} members asked, the clients hold {len(pool)} rows")
     rng = np.random.default_rng(cfg.seed)
     return pool.select(sorted(rng.choice(len(pool), size=cfg.members, replace=False).tolist()))
 

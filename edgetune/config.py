@@ -628,7 +628,7 @@ class AuditParams(Section):
                           description="the canary sentence; {secret} is replaced by the random digits")
     digits: int = Field(8, ge=4, le=18, description="digits of a secret (grouped by four)")
     candidates: int = Field(1000, ge=10, description="random secrets each canary is ranked among")
-    members: int = Field(0, ge=0, description="membership inference: rows of the audited clients "
+    members: int = Field(0, ge=0, description="membership inference: rows of the clients' data "
                          "scored as members against as many held out of every client; 0 = off")
     seed: int = Field(0, description="seed of the secrets, the copies' placement and the held-out rows")
 

@@ -68,15 +68,16 @@ def test_canaries_go_to_the_audited_clients_with_their_repetitions(planted):
     assert all(after[1][k] == before[1][k] for k in ("prompt", "label"))  # other clients untouched
 
 
-def test_non_members_are_held_out_of_every_client_and_members_come_from_the_audited_ones(planted):
+def test_non_members_are_held_out_of_every_client_and_members_are_clients_rows(planted):
     import pandas as pd
 
-    _, _, after, nonmembers, out = planted
+    cfg, before, after, nonmembers, out = planted
     held = set(pd.read_parquet(out / "audit" / "nonmembers.parquet")["prompt"])
     members = set(pd.read_parquet(out / "audit" / "members.parquet")["prompt"])
     assert held == set(nonmembers["prompt"]) and len(held) == 20 and len(members) == 20
     assert not held & {p for c in after for p in c["prompt"]}
-    assert members <= set(after[0]["prompt"]) | set(after[2]["prompt"])
+    assert members <= {p for c in before for p in c["prompt"]}  # training rows, never a canary
+    assert len({i for i, c in enumerate(before) if members & set(c["prompt"])}) > 2  # not one client's
 
 
 def train_on(model, tok, task, prompts, targets, steps: int, lr: float = 3e-3):
@@ -98,8 +99,8 @@ def train_on(model, tok, task, prompts, targets, steps: int, lr: float = 3e-3):
 
 def test_exposure_and_membership_auc_rise_when_a_model_memorizes(tmp_path, tiny_model_dir, mirror):
     """Dolly rows over 2 clients, a canary planted 16 times on client 0: a tiny model trained
-    hard on client 0 ranks that canary first among 200 candidates (it did not before) and tells
-    its members from held-out rows."""
+    hard on the clients' rows ranks that canary first among 200 candidates (it did not before)
+    and tells their rows from held-out ones."""
     import datasets
 
     from edgetune.audit import hold_out, measure, plant
@@ -115,8 +116,8 @@ def test_exposure_and_membership_auc_rise_when_a_model_memorizes(tmp_path, tiny_
     model, tok = load_hf(tiny_model_dir)
     before = measure(model, tok, task, tmp_path / "audit", cfg, max_length=64)
     assert before["exposure_rep16"] < 6
-    mine: datasets.Dataset = clients[0]
-    train_on(model, tok, task, mine["prompt"], mine["target"], steps=120)
+    every: datasets.Dataset = datasets.concatenate_datasets(clients)  # the federation's rows
+    train_on(model, tok, task, every["prompt"], every["target"], steps=120)
     after = measure(model, tok, task, tmp_path / "audit", cfg, max_length=64)
     assert after["canaries"][0]["rank"] == 1 and after["exposure_rep16"] == pytest.approx(np.log2(201))
     assert after["mia_auc"] > 0.8 > before["mia_auc"]
