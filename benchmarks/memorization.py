@@ -26,17 +26,14 @@ def audited_partitions(task, args, audit, out: Path) -> Path:
     canaries planted; written as the partition stage writes them (client_*.parquet, audit/)."""
     import shutil
 
-    from edgetune.audit import hold_out, plant
+    from edgetune.audit import audited_partition
     from edgetune.config import PartitionParams
-    from edgetune.partition import partition
     from edgetune.tasks import resolve_mirror
 
     train = task.load("train", resolve_mirror(args.mirror)).shuffle(seed=0).select(range(args.max_train))
-    rest, nonmembers = hold_out(train, audit)
-    clients = partition(rest, PartitionParams(scheme="iid", num_clients=args.clients, min_size=1))
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    clients = plant(clients, audit, task.target_column, nonmembers, out)
+    split = PartitionParams(scheme="iid", num_clients=args.clients, min_size=1)
+    clients = audited_partition(train, split, audit, task.target_column, out)
     for i, c in enumerate(clients):
         c.to_parquet(out / f"client_{i:04d}.parquet")
     return out

@@ -117,13 +117,22 @@ def dp_cases(method: str) -> dict[str, dict]:
     return out
 
 
+RESULTS_PREFIX = {"attacks": "robust", "dp": "dp", "keyed": "keyed"}  # --part -> results/<prefix>_<method>.json
+
+
+def results_name(method: str, part: str) -> str:
+    return f"{RESULTS_PREFIX[part]}_{method}"
+
+
 def run(method: str, args) -> None:
     from benchmarks import methods
 
     parts = partition(CACHE / "robust", args.prepared)
-    labels = {"attacks": attack_cases, "keyed": keyed_cases}[args.part](method, args.zo_k) \
-        if args.part != "dp" else dp_cases(method)
-    name = args.name or {"attacks": f"robust_{method}", "keyed": f"keyed_{method}", "dp": f"dp_{method}"}[args.part]
+    if args.part == "dp":
+        labels = dp_cases(method)
+    else:
+        labels = (keyed_cases if args.part == "keyed" else attack_cases)(method, args.zo_k)
+    name = args.name or results_name(method, args.part)
     argv = ["--partitions", str(parts), "--eval", f"{args.prepared}/eval.parquet",
             "--rounds", str(args.rounds), "--local-steps", str(args.local_steps), "--name", name,
             "--methods", *(args.only or labels)]
@@ -203,7 +212,7 @@ def main(argv=None) -> None:
     p.add_argument("--part", choices=["attacks", "dp", "keyed"], default="attacks",
                    help="keyed (fedkseed): a federation key's sealed messages against replayed_seeds")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these cases (e.g. clean sign_flip/krum)")
-    p.add_argument("--name", help="results file name (default robust_<method> / dp_<method>); e.g. to run "
+    p.add_argument("--name", help="results file name (default robust_ / dp_ / keyed_<method>); e.g. to run "
                    "some cases in a second process, then --merge its file")
     p.add_argument("--merge", nargs="+", metavar="NAME", help="fold these results files' cases into --method's "
                    "file (the cases of a run split over processes)")
@@ -217,7 +226,7 @@ def main(argv=None) -> None:
     p.add_argument("--table", action="store_true", help="write results/robustness.md from the JSONs")
     args = p.parse_args(argv)
     if args.method and args.merge:
-        merge(args.name or (f"robust_{args.method}" if args.part == "attacks" else f"dp_{args.method}"), args.merge)
+        merge(args.name or results_name(args.method, args.part), args.merge)
     elif args.method:
         run(args.method, args)
     if args.table:

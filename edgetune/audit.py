@@ -16,7 +16,7 @@ A canary is a training row: for a generation task the prompt is the template's p
 target the secret (the answer loss trains on it, as an LM trains on its corpus); for a
 classification task the whole sentence is the prompt and the label is 0 (the label-word
 objective never trains on the secret's tokens, so little exposure is expected: measured, not
-presumed). The partition stage plants canaries and holds non-members out (`plant`), writing
+presumed). The partition stage plants canaries and holds non-members out (`audited_partition`), writing
 audit/ beside the client files, so every backend trains on them; the evaluate stage scores them
 (`measure`). The secrets are drawn from audit.seed, never from the data.
 
@@ -130,6 +130,17 @@ def plant(clients: list["datasets.Dataset"], cfg: AuditParams, target_column: st
     return planted
 
 
+def audited_partition(train: "datasets.Dataset", p, cfg: AuditParams, target_column: str,
+                      out: Path) -> list["datasets.Dataset"]:
+    """partition.partition with the audit around it: non-members held out of the train split
+    first, canaries planted in the clients' data after (out/audit/). The partition stage and
+    benchmarks/memorization.py both split data this way."""
+    from edgetune.partition import partition
+
+    rest, nonmembers = hold_out(train, cfg)
+    return plant(partition(rest, p), cfg, target_column, nonmembers, out)
+
+
 def member_rows(clients: list["datasets.Dataset"], cfg: AuditParams) -> "datasets.Dataset":
     """audit.members rows drawn (audit.seed) uniformly from all clients' data: the same
     distribution as the non-members, a uniform sample of the train split. (Drawn from one
@@ -177,12 +188,10 @@ def exposure(canary_nll: float, candidate_nll: np.ndarray) -> dict[str, float]:
 
 
 def example_losses(model, tok, task, frame, max_length: int, batch_size: int = 16) -> np.ndarray:
-    """The task objective's loss of each row (label-word CE or answer CE), no reduction."""
+    """The task objective's loss of each row (label-word CE or answer CE; objectives.py)."""
     import torch
-    import torch.nn.functional as F
 
-    from edgetune.objectives import LabelWords, objective_for
-    from edgetune.scoring import pick_label_logits
+    from edgetune.objectives import objective_for
 
     objective = objective_for(task, tok, max_length, model)
     prompts, targets = frame["prompt"].tolist(), frame[objective.target_column].tolist()
@@ -190,16 +199,7 @@ def example_losses(model, tok, task, frame, max_length: int, batch_size: int = 1
     with torch.no_grad():
         for s in range(0, len(prompts), batch_size):
             batch = objective.batch(prompts[s:s + batch_size], targets[s:s + batch_size])
-            if isinstance(objective, LabelWords):
-                inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
-                logits = pick_label_logits(model(**inputs, logits_to_keep=1, use_cache=False).logits,
-                                           objective.label_ids)
-                loss = F.cross_entropy(logits, batch["labels"].to(logits.device), reduction="none")
-            else:
-                from edgetune.generation import answer_batch_loss
-
-                loss, _ = answer_batch_loss(model, batch, reduction="none")
-            out.append(loss.float().cpu().numpy())
+            out.append(objective.row_losses(model, batch).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

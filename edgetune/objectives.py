@@ -27,17 +27,21 @@ class LabelWords:
 
         return {**encode(self.tok, prompts, self.max_length), "labels": torch.as_tensor(targets)}
 
-    def forward(self, model, batch, **forward_kwargs):
-        """(loss, model output); the LM head runs on the last position only."""
+    def forward(self, model, batch, reduction: str = "mean", **forward_kwargs):
+        """(loss, model output); the LM head runs on the last position only. reduction "none":
+        each row's loss."""
         from edgetune.scoring import pick_label_logits
 
         inputs = {k: v.to(model.device) for k, v in batch.items() if k != "labels"}
         out = model(**inputs, logits_to_keep=1, use_cache=False, **forward_kwargs)
         logits = pick_label_logits(out.logits, self.label_ids)
-        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device)), out
+        return torch.nn.functional.cross_entropy(logits, batch["labels"].to(logits.device), reduction=reduction), out
 
     def loss(self, model, batch) -> torch.Tensor:
         return self.forward(model, batch)[0]
+
+    def row_losses(self, model, batch) -> torch.Tensor:
+        return self.forward(model, batch, reduction="none")[0]
 
 
 class Answer:
@@ -51,13 +55,17 @@ class Answer:
 
         return encode_answers(self.tok, prompts, list(targets), self.max_length, self.eos_id)
 
-    def forward(self, model, batch, **forward_kwargs):
+    def forward(self, model, batch, reduction: str = "mean", **forward_kwargs):
         from edgetune.generation import answer_batch_loss
 
-        return answer_batch_loss(model, batch, **forward_kwargs)
+        return answer_batch_loss(model, batch, reduction, **forward_kwargs)
 
     def loss(self, model, batch) -> torch.Tensor:
         return self.forward(model, batch)[0]
+
+    def row_losses(self, model, batch) -> torch.Tensor:
+        """Each row's mean answer-token loss."""
+        return self.forward(model, batch, reduction="none")[0]
 
 
 def objective_for(task, tok, max_length: int, model=None):

@@ -24,19 +24,16 @@ def main(argv=None):
         from edgetune.tracking import log_datasets
 
         train = datasets.Dataset.from_parquet(str(require_parquet(train_file)))
-        audit = params.audit
-        if audit.enabled:  # non-members leave before partitioning; canaries join after
-            from edgetune.audit import hold_out
-
-            train, nonmembers = hold_out(train, audit)
-        clients = partition(train, params.partition)
         out = Path(args.out)
-        out.mkdir(parents=True)
-        if audit.enabled:
-            from edgetune.audit import plant
+        if params.audit.enabled:  # non-members held out before partitioning, canaries planted after
+            from edgetune.audit import audited_partition
             from edgetune.tasks import get_task
 
-            clients = plant(clients, audit, get_task(params.data.task).target_column, nonmembers, out)
+            target = get_task(params.data.task).target_column
+            clients = audited_partition(train, params.partition, params.audit, target, out)
+        else:
+            clients = partition(train, params.partition)
+        out.mkdir(parents=True, exist_ok=True)
         for i, client in enumerate(clients):
             client.to_parquet(out / f"client_{i:04d}.parquet")
         by = params.partition.by

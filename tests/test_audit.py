@@ -103,16 +103,15 @@ def test_exposure_and_membership_auc_rise_when_a_model_memorizes(tmp_path, tiny_
     and tells their rows from held-out ones."""
     import datasets
 
-    from edgetune.audit import hold_out, measure, plant
+    from edgetune.audit import audited_partition, measure
     from edgetune.models import load_hf
     from edgetune.tasks import get_task
 
     task = get_task("dolly")
     cfg = AuditParams(canaries=1, repetitions=[16], clients=[0], members=16, candidates=200)
     train = task.load("train", mirror).select(range(96))
-    rest, nonmembers = hold_out(train, cfg)
-    clients = partition_iid(rest, 2)
-    clients = plant(clients, cfg, "target", nonmembers, tmp_path)
+    split = PartitionParams(scheme="iid", num_clients=2, min_size=1)
+    clients = audited_partition(train, split, cfg, "target", tmp_path)
     model, tok = load_hf(tiny_model_dir)
     before = measure(model, tok, task, tmp_path / "audit", cfg, max_length=64)
     assert before["exposure_rep16"] < 6
@@ -123,11 +122,6 @@ def test_exposure_and_membership_auc_rise_when_a_model_memorizes(tmp_path, tiny_
     assert after["mia_auc"] > 0.8 > before["mia_auc"]
     assert after["member_loss"] < after["nonmember_loss"]
 
-
-def partition_iid(ds, n):
-    from edgetune.partition import partition
-
-    return partition(ds, PartitionParams(scheme="iid", num_clients=n, min_size=1))
 
 
 def test_a_run_with_audit_or_export_knobs_is_named_by_them():
