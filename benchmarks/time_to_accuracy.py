@@ -76,7 +76,7 @@ def run_case(label, cfg, path, task, clients, score, args, mlflow) -> list[dict]
     if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
         use, rate, cfg = centralize(clients, cfg)
     folder = Path(args.cache) / args.name / label
-    shape = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "num_rounds"}  # more rounds: go on
+    shape = {k: v for k, v in cfg.training_key().items() if k != "num_rounds"}  # more rounds: go on
     resume = ResumeFolder(folder, fingerprint({"cfg": shape, "task": args.task}, [Path(args.partitions)]))
     curve = Curve(folder)
     if curve.points and (curve.points[-1]["train_seconds"] >= args.minutes * 60

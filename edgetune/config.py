@@ -167,6 +167,10 @@ class ZOParams(Section):
     distribution: Literal["gaussian", "rademacher"] = Field(
         "gaussian", description="z's entries: gaussian (MeZO) | rademacher (+1/-1, one bit per weight; "
         "with philox, replays are bit-identical across devices)")
+    sparsity: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Sparse MeZO (zo.py SparseMask): share of each weight "
+        "matrix's entries, the largest |w| of the initial weights, that z leaves alone; 0 = plain MeZO "
+        "z. Measured in docs/results.md (time to accuracy)")
     secret: str | None = Field(
         None, description="federation key for keyed seeds (federated/keys.py): 'file:PATH' or 'env:NAME', "
         ">= 128 bits; z of seed s is drawn from HMAC(key, s), so intercepted pairs are useless without "
@@ -438,6 +442,11 @@ class FinetuneParams(Section):
         if self.spec.zo:
             return {"finetune.zo.lr_resolved": self.zo_lr, "finetune.zo.eps_resolved": self.zo_eps}
         return {"finetune.lr_resolved": self.client_lr}
+
+    def training_key(self) -> dict:
+        """What shapes training, for resume fingerprints: the params and the values their `auto`
+        knobs stand for (a changed default must not resume a run made under the old one)."""
+        return {**self.model_dump(mode="json"), **self.resolved()}
 
     @property
     def server_optimizer(self) -> str:

@@ -19,7 +19,7 @@ def open_resume(args, params, run_id: str):
     from edgetune.federated.resume import ResumeFolder, fingerprint
     from edgetune.tracking import close_stale_run
 
-    key = fingerprint({"finetune": params.finetune.model_dump(mode="json"), "task": params.data.task},
+    key = fingerprint({"finetune": params.finetune.training_key(), "task": params.data.task},
                       [Path(args.model), Path(args.partitions)])
     resume = ResumeFolder.beside(Path(args.out), key)
     if resume.previous_run and resume.previous_run != run_id:

@@ -84,3 +84,31 @@ def test_fused_step_equals_gradient_then_update():
     assert g_fused == g
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+def test_sparse_mezo_perturbs_only_each_matrix_smallest_weights_and_vectors_in_full(monkeypatch):
+    monkeypatch.setattr(zo, "CHUNK", 500)  # the 2100-weight matrix spans several chunks
+    ps = params()
+    sampler = zo.Sampler(distribution="rademacher", mask=zo.SparseMask(ps, 0.75))
+    before = zo.snapshot(ps)
+    zo.perturb(ps, 7, 1.0, sampler)
+    moved = [(p.data - b) != 0 for p, b in zip(ps, before)]
+    small = before[0].abs() <= before[0].abs().flatten().kthvalue(525).values
+    assert torch.equal(moved[0], small) and int(small.sum()) == 525  # a quarter of the matrix
+    assert bool(moved[1].all())  # the vector keeps its full z
+    assert sampler.tag == "torch-cpu/rademacher@1+sparse0.75" and sampler != zo.Sampler("torch-cpu", "rademacher")
+    torch.testing.assert_close(zo.materialize(ps, 7, sampler),
+                               torch.cat([(p.data - b).flatten() for p, b in zip(ps, before)]), atol=1e-6, rtol=0)
+
+
+def test_sparse_mezo_replays_bit_identically_from_the_initial_weights():
+    """Every party builds the mask from the round-0 weights it holds, then replays the same
+    pairs: the same bits, also after the weights have moved away from the masked threshold."""
+    def party():
+        ps = params()
+        return ps, zo.Sampler(mask=zo.SparseMask(ps, 0.5))
+
+    (a, sa), (b, sb) = party(), party()
+    zo.replay(a, [1, 2, 3], [50.0, -25.0, 20.0], lr=1e-2, sampler=sa)
+    zo.replay(b, [1, 2, 3], [50.0, -25.0, 20.0], lr=1e-2, sampler=sb)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))

@@ -27,6 +27,16 @@ def test_zo_lr_and_eps_auto_follow_the_trainable_set():
     assert set(registry.ZO_DEFAULTS) == set(registry.TRAINABLE_SETS)
 
 
+def test_a_changed_auto_default_does_not_resume_a_run_made_under_the_old_one(monkeypatch):
+    """Resume folders (finetune stage, time-to-accuracy cases) are keyed by what `auto` stood
+    for, not only by the params: params.yaml says `lr: auto` before and after a new default."""
+    cfg = FinetuneParams(method="fedkseed")
+    before = cfg.training_key()
+    monkeypatch.setitem(registry.ZO_DEFAULTS, "full", registry.ZODefaults(lr=7e-7, eps=1e-3))
+    assert cfg.model_dump(mode="json") == FinetuneParams(method="fedkseed").model_dump(mode="json")
+    assert FinetuneParams(method="fedkseed").training_key() != before
+
+
 @pytest.mark.parametrize("init, message", [
     ("eva", "computed from data"), ("corda", "computed from data"), ("loftq", "computed from data"),
     ("kaiming", "is not a LoRA init"), ("pissa_niter_", "is not a LoRA init"),
@@ -130,3 +140,24 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert curve[0]["train_seconds"] < curve[1]["train_seconds"] < curve[2]["train_seconds"]
     assert (tmp_path / "results" / "tta_test.png").stat().st_size > 10_000
     assert set(record["results"]["at_equal_minutes"]["fedkseed"]) >= {"5 min", "30 min", "90 min"}
+
+
+def test_sparse_fedkseed_moves_only_the_small_weights_and_says_so_in_its_messages(tiny_model_dir, sst2_prompts):
+    """finetune.zo.sparsity (Sparse MeZO): a federation's global model changes only on each
+    matrix's masked (small-magnitude) entries, and every message carries the mask in its tag,
+    so a party with another sparsity refuses it instead of replaying into other weights."""
+    from tests.helpers import federate
+
+    cfg = FinetuneParams(method="fedkseed", num_rounds=2, local_steps=2, batch_size=4,
+                         zo={"sparsity": 0.8, "lr": 1e-2})
+    _, model = build(tiny_model_dir, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    method, model, state, _ = federate(tiny_model_dir, make_clients(sst2_prompts, n=2, size=16), cfg)
+    method.apply_global(model, state)
+    for name, p in model.named_parameters():
+        changed = (p.detach() != before[name])
+        if p.dim() >= 2:
+            large = before[name].abs() > before[name].abs().flatten().kthvalue(round(0.2 * p.numel())).values
+            assert not changed[large].any(), name
+    assert any(bool((p.detach() != before[n]).any()) for n, p in model.named_parameters())
+    assert method.downlink(state).meta["zo"] == "torch-cpu/gaussian@1+sparse0.8"

@@ -14,6 +14,8 @@ seed-scalar method (JOB, FedKSeed, FwdLLM) relies on:
         bits on every device, for any chunking and thread count.
     Which sampler made a seed travels with it: Sampler.tag in checkpoints and, when it is not
     the default, in every seed-scalar message (methods/seed_scalar.py); no tag = torch-cpu/gaussian.
+    With finetune.zo.sparsity > 0 (Sparse MeZO, `SparseMask`), z is zero outside a fixed mask
+    of each weight matrix's smallest-magnitude entries, and the tag says so ("+sparse0.75").
 
 One step: perturb +eps, loss L+; perturb -2 eps, loss L-; perturb +eps (restores theta up to
 float rounding); projected gradient g = (L+ - L-) / (2 eps); update theta <- theta - lr * g * z.
@@ -97,6 +99,48 @@ DISTRIBUTIONS = ("gaussian", "rademacher")  # finetune.zo.distribution
 CONTRACT = 1  # bump when any sampler's seed -> z mapping changes
 
 
+class SparseMask:
+    """Sparse MeZO (Liu et al., ICML 2024, arXiv 2402.15751): ZO noise hurts most when added to
+    large weights, so z is kept only on each weight matrix's entries with |w| <= h, h the
+    tensor's `1 - sparsity` quantile of |w|; vectors (norm gains, biases) keep their full z.
+
+    The mask is fixed from the weights it is built on: the initial (round-0) weights, which
+    every party holds before it replays anything, so all of them restrict z identically and
+    replays stay bit-exact. Written by hand (no library has it). It is kept as one bool per
+    masked weight (+25% of float32 weights' memory); the paper recomputes it on the fly from
+    the current weights instead, which would let the +eps / -eps passes of one step disagree
+    on entries near h."""
+
+    def __init__(self, params: Sequence[torch.Tensor], sparsity: float):
+        if not 0.0 < sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
+        self.sparsity = sparsity
+        self.masks = {p.untyped_storage().data_ptr(): (p.storage_offset(), self.small_entries(p.data, sparsity))
+                      for p in params if p.dim() >= 2}
+
+    @staticmethod
+    @torch.no_grad()
+    def small_entries(w: torch.Tensor, sparsity: float) -> torch.Tensor:
+        """Flat bool mask of the `1 - sparsity` share of w's entries with the smallest |w|."""
+        mags = w.detach().reshape(-1).abs()
+        keep = max(1, round((1.0 - sparsity) * mags.numel()))
+        return mags <= mags.float().kthvalue(keep).values.to(mags.dtype)
+
+    def restrict(self, view: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """z (a segment for the flat weight slice `view`) zeroed outside the mask, in place."""
+        found = self.masks.get(view.untyped_storage().data_ptr())
+        if found is None:
+            return z
+        start = view.storage_offset() - found[0]
+        return z.mul_(found[1][start:start + view.numel()])
+
+    @property
+    def kept(self) -> float:
+        """The share of masked tensors' entries that ZO perturbs."""
+        total = sum(m.numel() for _, m in self.masks.values())
+        return sum(int(m.sum()) for _, m in self.masks.values()) / max(1, total)
+
+
 @dataclass(frozen=True)
 class Sampler:
     """Which z a seed means. Rademacher (+1 / -1, Spall's SPSA) makes theta + scale z exact in
@@ -106,17 +150,21 @@ class Sampler:
     generator: str = "torch-cpu"
     distribution: str = "gaussian"
     key: bytes | None = field(default=None, repr=False)
+    mask: SparseMask | None = field(default=None, repr=False, compare=False)
+    sparsity: float = field(init=False, default=0.0)
 
     def __post_init__(self):
         if self.generator not in GENERATORS or self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown sampler {self.generator}/{self.distribution}")
+        object.__setattr__(self, "sparsity", self.mask.sparsity if self.mask else 0.0)
 
     @property
     def tag(self) -> str:
         """What checkpoints and messages record, e.g. 'philox/rademacher@1', with the key's
         fingerprint when keyed ('torch-cpu/gaussian@1+key:1f0c9a2e')."""
         keyed = f"+key:{keys.fingerprint(self.key)}" if self.key else ""
-        return f"{self.generator}/{self.distribution}@{CONTRACT}{keyed}"
+        sparse = f"+sparse{self.sparsity:g}" if self.sparsity else ""
+        return f"{self.generator}/{self.distribution}@{CONTRACT}{keyed}{sparse}"
 
     def draw(self, seed: int, index: int, chunk: Chunk) -> torch.Tensor:
         """Chunk number `index` of z(seed) (chunks_for), flat, in its views' dtype and device."""
@@ -164,7 +212,8 @@ def perturb(params: Sequence[torch.Tensor], seed: int, scale: float, sampler: Sa
     def add(i: int) -> None:
         z, start = sampler.draw(seed, i, parts[i]), 0
         for view in parts[i][1]:
-            view.add_(z[start:start + view.numel()], alpha=scale)
+            segment = z[start:start + view.numel()]
+            view.add_(sampler.mask.restrict(view, segment) if sampler.mask else segment, alpha=scale)
             start += view.numel()
 
     if len(parts) == 1 or parts[0][1][0].device.type != "cpu":
@@ -183,7 +232,15 @@ def _pool() -> ThreadPoolExecutor:
 def materialize(params: Sequence[torch.Tensor], seed: int, sampler: Sampler = LEGACY) -> torch.Tensor:
     """z(seed) as one flat vector, drawn exactly as `perturb` draws it (for small trainable
     sets only, e.g. LoRA: FwdLLM compares candidate perturbations by cosine similarity)."""
-    return torch.cat([sampler.draw(seed, i, chunk).clone() for i, chunk in enumerate(chunks_for(params, sampler))])
+    parts = []
+    for i, (offset, views) in enumerate(chunks_for(params, sampler)):
+        z, start = sampler.draw(seed, i, (offset, views)).clone(), 0
+        for view in views:
+            if sampler.mask:
+                sampler.mask.restrict(view, z[start:start + view.numel()])
+            start += view.numel()
+        parts.append(z)
+    return torch.cat(parts)
 
 
 @torch.no_grad()

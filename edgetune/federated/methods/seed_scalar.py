@@ -40,7 +40,8 @@ class SeedScalarMethod(FederatedMethod):
         model.eval()  # ZO needs no dropout noise between the +eps and -eps passes
         self.params = zo.trainable(model)
         self.model_round = 0  # the round whose global weights the model holds
-        self.sampler = zo.Sampler(self.cfg.zo.generator, self.cfg.zo.distribution, key=self.cfg.zo.key())
+        mask = zo.SparseMask(self.params, self.cfg.zo.sparsity) if self.cfg.zo.sparsity else None
+        self.sampler = zo.Sampler(self.cfg.zo.generator, self.cfg.zo.distribution, key=self.cfg.zo.key(), mask=mask)
         return model
 
     # ----------------------------------------------------------------- which z a seed means
