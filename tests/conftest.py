@@ -101,30 +101,7 @@ def device(request):
         pytest.skip(str(e))
 
 
-# The files that take minutes, longest first (measured in a full run). Workers of
-# `pytest -n 2 --dist loadfile` take files in collection order; alphabetically the pipeline
-# wiring file came last in `make test-fast`, so one worker idled while the other ran it. Longest
-# first, the two workers end close together.
-LONGEST_FIRST = (
-    "tests/test_flower.py",
-    "tests/test_pipeline_wiring.py",
-    "tests/test_resume.py",
-    "tests/test_benchmark_flow.py",
-    "tests/test_flower_simulation.py",
-    "tests/test_pipeline_e2e.py",
-    "tests/test_dvc_experiments.py",
-    "tests/test_export.py",
-    "tests/test_meft.py",
-)
-
-
-def file_rank(item) -> int:
-    path = item.nodeid.split("::")[0]
-    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.nodeid.startswith(SLOW):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=file_rank)  # stable: tests keep their order within a file

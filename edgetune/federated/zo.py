@@ -134,12 +134,6 @@ class SparseMask:
         start = view.storage_offset() - found[0]
         return z.mul_(found[1][start:start + view.numel()])
 
-    @property
-    def kept(self) -> float:
-        """The share of masked tensors' entries that ZO perturbs."""
-        total = sum(m.numel() for _, m in self.masks.values())
-        return sum(int(m.sum()) for _, m in self.masks.values()) / max(1, total)
-
 
 @dataclass(frozen=True)
 class Sampler:
@@ -183,6 +177,16 @@ class Sampler:
             z = philox.signs_of_bytes(data, like.dtype, out=z_buffer(n, like, philox.SLACK))[:n]
         return z if like.device.type == "cpu" else z.to(like.device)
 
+    def draw_masked(self, seed: int, index: int, chunk: Chunk) -> torch.Tensor:
+        """`draw`, zeroed outside the Sparse MeZO mask (when there is one): what is added."""
+        z = self.draw(seed, index, chunk)
+        if self.mask:
+            start = 0
+            for view in chunk[1]:
+                self.mask.restrict(view, z[start:start + view.numel()])
+                start += view.numel()
+        return z
+
 
 LEGACY = Sampler()  # the stream of every run before samplers were versioned
 
@@ -210,10 +214,9 @@ def perturb(params: Sequence[torch.Tensor], seed: int, scale: float, sampler: Sa
     parts = chunks_for(params, sampler)
 
     def add(i: int) -> None:
-        z, start = sampler.draw(seed, i, parts[i]), 0
+        z, start = sampler.draw_masked(seed, i, parts[i]), 0
         for view in parts[i][1]:
-            segment = z[start:start + view.numel()]
-            view.add_(sampler.mask.restrict(view, segment) if sampler.mask else segment, alpha=scale)
+            view.add_(z[start:start + view.numel()], alpha=scale)
             start += view.numel()
 
     if len(parts) == 1 or parts[0][1][0].device.type != "cpu":
@@ -232,15 +235,8 @@ def _pool() -> ThreadPoolExecutor:
 def materialize(params: Sequence[torch.Tensor], seed: int, sampler: Sampler = LEGACY) -> torch.Tensor:
     """z(seed) as one flat vector, drawn exactly as `perturb` draws it (for small trainable
     sets only, e.g. LoRA: FwdLLM compares candidate perturbations by cosine similarity)."""
-    parts = []
-    for i, (offset, views) in enumerate(chunks_for(params, sampler)):
-        z, start = sampler.draw(seed, i, (offset, views)).clone(), 0
-        for view in views:
-            if sampler.mask:
-                sampler.mask.restrict(view, z[start:start + view.numel()])
-            start += view.numel()
-        parts.append(z)
-    return torch.cat(parts)
+    return torch.cat([sampler.draw_masked(seed, i, chunk).clone()
+                      for i, chunk in enumerate(chunks_for(params, sampler))])
 
 
 @torch.no_grad()
