@@ -1,5 +1,6 @@
 """The seed -> z contract of the zeroth-order core (edgetune/federated/zo.py)."""
 
+import pytest
 import torch
 
 from edgetune.federated import zo
@@ -99,6 +100,20 @@ def test_sparse_mezo_perturbs_only_each_matrix_smallest_weights_and_vectors_in_f
     assert sampler.tag == "torch-cpu/rademacher@1+sparse0.75" and sampler != zo.Sampler("torch-cpu", "rademacher")
     torch.testing.assert_close(zo.materialize(ps, 7, sampler),
                                torch.cat([(p.data - b).flatten() for p, b in zip(ps, before)]), atol=1e-6, rtol=0)
+
+
+def test_sparse_mezo_mask_follows_weights_moved_after_it_was_built():
+    """federated/setup.py places the model on its device after the method built the mask;
+    module.to() gives every parameter new storage. z must stay masked (not silently full)."""
+    ps = params()
+    sampler = zo.Sampler(distribution="rademacher", mask=zo.SparseMask(ps, 0.75))
+    for p in ps:
+        p.data = p.data.clone()  # new storage, as model.to(device) does
+    before = zo.snapshot(ps)
+    zo.perturb(ps, 7, 1.0, sampler)
+    assert int(((ps[0].data - before[0]) != 0).sum()) == 525 and bool((ps[1].data != before[1]).all())
+    with pytest.raises(RuntimeError, match="not one of the masked parameters"):
+        zo.perturb([torch.zeros(30, 70)], 7, 1.0, sampler)
 
 
 def test_sparse_mezo_replays_bit_identically_from_the_initial_weights():

@@ -115,8 +115,8 @@ class SparseMask:
         if not 0.0 < sparsity < 1.0:
             raise ValueError(f"sparsity must be in (0, 1), got {sparsity}")
         self.sparsity = sparsity
-        self.masks = {p.untyped_storage().data_ptr(): (p.storage_offset(), self.small_entries(p.data, sparsity))
-                      for p in params if p.dim() >= 2}
+        self.masks = [(p, self.small_entries(p.data, sparsity) if p.dim() >= 2 else None) for p in params]
+        self.by_storage: dict[int, tuple[int, torch.Tensor | None]] = {}
 
     @staticmethod
     @torch.no_grad()
@@ -126,13 +126,25 @@ class SparseMask:
         keep = max(1, round((1.0 - sparsity) * mags.numel()))
         return mags <= mags.float().kthvalue(keep).values.to(mags.dtype)
 
+    def locate(self, view: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        """(storage offset, mask) of the parameter `view` slices. Looked up by storage, and
+        re-indexed when a storage is unknown: the parameters moved since (model.to(device) in
+        federated/setup.py gives them new storage), and the masks move with them."""
+        ptr = view.untyped_storage().data_ptr()
+        if ptr not in self.by_storage:
+            self.masks = [(p, m if m is None else m.to(p.device)) for p, m in self.masks]
+            self.by_storage = {p.untyped_storage().data_ptr(): (p.storage_offset(), m) for p, m in self.masks}
+        if ptr not in self.by_storage:
+            raise RuntimeError("SparseMask: z drawn for a tensor that is not one of the masked parameters")
+        return self.by_storage[ptr]
+
     def restrict(self, view: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """z (a segment for the flat weight slice `view`) zeroed outside the mask, in place."""
-        found = self.masks.get(view.untyped_storage().data_ptr())
-        if found is None:
+        offset, mask = self.locate(view)
+        if mask is None:  # a vector: its full z
             return z
-        start = view.storage_offset() - found[0]
-        return z.mul_(found[1][start:start + view.numel()])
+        start = view.storage_offset() - offset
+        return z.mul_(mask[start:start + view.numel()])
 
 
 @dataclass(frozen=True)
