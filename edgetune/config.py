@@ -148,6 +148,10 @@ class ZOParams(Section):
         "from the recorded sweeps in benchmarks/results/)")
     eps: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="perturbation scale; auto = the trainable set's own (registry.ZO_DEFAULTS)")
+    lr_decay_rounds: int | None = Field(
+        None, ge=1, description="inverse-time decay of the ZO step (Robbins & Monro 1951): round r "
+        "steps with lr * T / (T + r), T this many rounds; null = constant. A function of params and "
+        "round only, so every party that replays the pairs applies the same step")
     K: int = Field(4096, ge=1, description="FedKSeed: number of candidate seeds fixed at the start")
     pro_temperature: float = Field(
         0.5, gt=0, description="FedKSeed-Pro: softmax temperature over normalized seed importance"
@@ -431,6 +435,12 @@ class FinetuneParams(Section):
     def zo_lr(self) -> float:
         """zo.lr, or the trainable set's default when auto."""
         return registry.ZO_DEFAULTS[self.trainable_set].lr if self.zo.lr == "auto" else self.zo.lr
+
+    def zo_lr_at(self, round_: int) -> float:
+        """The ZO step of training round `round_` (0 = the first): zo_lr, decayed with
+        zo.lr_decay_rounds. Every replay of that round's pairs must use this same value."""
+        decay = self.zo.lr_decay_rounds
+        return self.zo_lr if decay is None else self.zo_lr * decay / (decay + round_)
 
     @property
     def zo_eps(self) -> float:

@@ -3,10 +3,12 @@ folder, run as a user runs it: subprocesses, no data mirror, the hub offline (th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -58,6 +60,38 @@ def make_project(root: Path, overrides: dict, git: bool = False) -> dict[str, st
                 ["git", "commit", "-q", "-m", "pipeline"]):
         subprocess.run(cmd, cwd=root, check=True, env=env, capture_output=True)
     return env
+
+
+@contextlib.contextmanager
+def prefect_server(env: dict[str, str], timeout: float = 90):
+    """A Prefect server for several flow runs, as `make prefect-ui` gives a user: sets
+    PREFECT_API_URL in env, so each flow skips starting (and migrating) a temporary server."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+         "--no-ui", "--no-services", "--analytics-off"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"prefect server did not start on {url}") from None
+                time.sleep(0.3)
+        env["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        env.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def mlflow_runs(root: Path, experiment: str):

@@ -35,6 +35,7 @@ PHILOX_RADEMACHER = {"generator": "philox", "distribution": "rademacher"}
     ("fedkseed", "lora", 1, {}), ("fwdllm", "lora", 1, {}), ("job", "prefix", 2, {}),
     ("fedkseed", "bitfit", 3, {}), ("fedkseed", "full", 1, PHILOX_RADEMACHER),
     ("job", "full", 1, PHILOX_RADEMACHER), ("fedkseed", "lora", 2, {"generator": "philox"}),
+    ("fedkseed", "full", 1, {"lr_decay_rounds": 2}), ("fwdllm", "lora", 1, {"lr_decay_rounds": 1}),
 ])
 def test_rebuild_in_a_fresh_process_is_bit_identical(tiny_model_dir, sst2_prompts, tmp_path, name,
                                                      trainable, samples, sampler):

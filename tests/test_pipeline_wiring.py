@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.pipeline_project import make_project, mlflow_runs, ran_stages, run, set_params
+from tests.pipeline_project import make_project, mlflow_runs, prefect_server, ran_stages, run, set_params
 
 STAGES = {"model", "prepare", "partition", "finetune", "calibrate", "compress", "export", "zeroshot", "evaluate"}
 
@@ -28,9 +28,10 @@ def project(tmp_path_factory, tiny_model_dir):
         "audit": {"canaries": 2, "repetitions": [1, 4], "clients": [0, 1], "members": 8, "candidates": 100},
         "tracking": {"experiment": "wiring"},
     })
-    rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
-    assert rc == 0, output[-4000:]
-    return root, env, output
+    with prefect_server(env):  # one server for the module's three flow runs (the e2e tests
+        rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)  # use a temporary one)
+        assert rc == 0, output[-4000:]
+        yield root, env, output
 
 
 def parent_and_children(root):

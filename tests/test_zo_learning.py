@@ -161,3 +161,26 @@ def test_sparse_fedkseed_moves_only_the_small_weights_and_says_so_in_its_message
             assert not changed[large].any(), name
     assert any(bool((p.detach() != before[n]).any()) for n, p in model.named_parameters())
     assert method.downlink(state).meta["zo"] == "torch-cpu/gaussian@1+sparse0.8"
+
+
+def test_a_decaying_zo_step_is_replayed_round_by_round(tiny_model_dir, sst2_prompts):
+    """finetune.zo.lr_decay_rounds: round r steps with lr * T / (T + r), and every replay of
+    round r's pairs uses that step: a model rebuilt from the history alone equals the one the
+    clients synced, while replaying the same pairs with the constant step gives other weights."""
+    from tests.helpers import federate
+    from tests.rebuild_from_checkpoint import weights_hash
+
+    zo_knobs = {"lr": 1e-3, "lr_decay_rounds": 1}
+    cfg = FinetuneParams(method="fedkseed", num_rounds=3, local_steps=2, batch_size=4, zo={**zo_knobs, "K": 64})
+    assert [cfg.zo_lr_at(r) for r in range(3)] == pytest.approx([1e-3, 5e-4, 1e-3 / 3])
+    method, model, state, _ = federate(tiny_model_dir, make_clients(sst2_prompts, n=2, size=16), cfg)
+    method.apply_global(model, state)
+    synced = weights_hash(method.params)
+
+    rebuilt, rebuilt_model = build(tiny_model_dir, cfg)
+    rebuilt.rebuild(rebuilt_model, state)
+    assert weights_hash(rebuilt.params) == synced
+    constant = cfg.model_copy(update={"zo": cfg.zo.model_copy(update={"lr_decay_rounds": None})})
+    replayed, replayed_model = build(tiny_model_dir, constant)
+    replayed.rebuild(replayed_model, state)
+    assert weights_hash(replayed.params) != synced

@@ -70,7 +70,8 @@ class FwdLLM(JOB):
                 estimates = [zo.projected_gradient(self.params, loss_fn, s, self.cfg.zo_eps, self.sampler)
                              for s in chosen]
                 for s, (g, _) in zip(chosen, estimates):  # the step: mean of the n estimates
-                    zo.apply_update(self.params, s, g / n, self.cfg.zo_lr, self.cfg.weight_decay, self.sampler)
+                    zo.apply_update(self.params, s, g / n, self.cfg.zo_lr_at(playing - 1),
+                                    self.cfg.weight_decay, self.sampler)
                 seeds += chosen
                 grads += [g / n for g, _ in estimates]
                 losses += [loss for _, loss in estimates]

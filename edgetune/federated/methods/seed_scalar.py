@@ -91,7 +91,7 @@ class SeedScalarMethod(FederatedMethod):
             raise RuntimeError(f"client at round {self.model_round} got round {target}: "
                                "replay the dictionary history (rebuild) to catch up")
         seeds, grads = self.pairs_to_replay(down)
-        zo.replay(self.params, seeds, grads, self.cfg.zo_lr, self.cfg.weight_decay, self.sampler)
+        zo.replay(self.params, seeds, grads, self.cfg.zo_lr_at(target - 1), self.cfg.weight_decay, self.sampler)
         self.model_round = target
 
     @torch.no_grad()
@@ -99,7 +99,7 @@ class SeedScalarMethod(FederatedMethod):
         self.sync(model, down)
         with zo.restored(self.params):  # back to the global weights for the next client
             seeds = self.client_seeds(down, data, rng)
-            n, eps, lr = self.cfg.zo.samples, self.cfg.zo_eps, self.cfg.zo_lr
+            n, eps, lr = self.cfg.zo.samples, self.cfg.zo_eps, self.cfg.zo_lr_at(int(down.meta["round"]))
             grads, losses = [], []
             for step in range(self.cfg.local_steps):
                 batch = self.objective.batch(*sample_batch(data, self.cfg.batch_size, rng))
@@ -166,8 +166,8 @@ class SeedScalarMethod(FederatedMethod):
         """Replay the dictionary history after round `start` onto the model holding that round's
         weights; all of it onto the initial weights (a late joiner's catch-up, or an evaluator
         that never trained). Bit-identical to the synced model."""
-        for seeds, grads in self.history(state)[start:]:
-            zo.replay(self.params, seeds, grads, self.cfg.zo_lr, self.cfg.weight_decay, self.sampler)
+        for round_, (seeds, grads) in enumerate(self.history(state)[start:], start):
+            zo.replay(self.params, seeds, grads, self.cfg.zo_lr_at(round_), self.cfg.weight_decay, self.sampler)
 
     def checkpoint_state(self) -> dict:
         return {**super().checkpoint_state(), "zo": self.sampler.tag}
