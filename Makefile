@@ -43,10 +43,10 @@ check: setup
 run: setup
 	$(BIN)/python -m flows.pipeline
 
-# Two workers (pytest-xdist), a whole test file at a time so module fixtures build once;
-# PYTEST_ARGS="-n 0" runs everything in one process.
-# Two xdist workers for this 2-core machine, one thread each (more would oversubscribe it:
-# make test-fast 193 s -> 172 s); OMP_NUM_THREADS in the environment overrides it.
+# Two workers (pytest-xdist) for this 2-core machine, one thread each (more oversubscribe it:
+# make test-fast 193 s -> 172 s; OMP_NUM_THREADS in the environment overrides it). A whole test
+# file at a time, so module fixtures build once, the longest first (tests/conftest.py
+# LONGEST_FIRST); PYTEST_ARGS="-n 0" runs everything in one process.
 TEST_THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
 test: setup-dev
