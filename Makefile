@@ -43,14 +43,15 @@ check: setup
 run: setup
 	$(BIN)/python -m flows.pipeline
 
-# Two workers (pytest-xdist) for this 2-core machine, one thread each (more oversubscribe it:
-# make test-fast 193 s -> 172 s; OMP_NUM_THREADS in the environment overrides it). A whole test
+# Two workers (pytest-xdist) for this 2-core machine; test-fast gives each one thread (more
+# oversubscribe it: 193 s -> 172 s), not make test, whose real-model flows got slower with one
+# (pytest 1,033 -> 1,218 s on CI); OMP_NUM_THREADS in the environment overrides it. A whole test
 # file at a time, so module fixtures build once, the longest first (tests/conftest.py
 # LONGEST_FIRST); PYTEST_ARGS="-n 0" runs everything in one process.
 TEST_THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
 
 test: setup-dev
-	$(TEST_THREADS) $(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Not the real-model end-to-end, Flower or `slow` tests (markers in pyproject.toml).
 test-fast: setup-dev
