@@ -64,8 +64,9 @@ def make_project(root: Path, overrides: dict, git: bool = False) -> dict[str, st
 
 @contextlib.contextmanager
 def prefect_server(env: dict[str, str], timeout: float = 90):
-    """A Prefect server for several flow runs, as `make prefect-ui` gives a user: sets
-    PREFECT_API_URL in env, so each flow skips starting (and migrating) a temporary server."""
+    """A Prefect server (its API only: no UI, no background services) for several flow runs, as
+    `make prefect-ui` gives a user: sets PREFECT_API_URL in env, so each flow skips starting (and
+    migrating) a temporary server."""
     import socket
     import urllib.request
 
