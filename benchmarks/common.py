@@ -46,6 +46,35 @@ def case_arguments(p, methods: list[str]) -> None:
     p.add_argument("--local-steps", type=int)
 
 
+class DevScorer:
+    """What the time-to-accuracy style benchmarks share: the params, the model folder, the task,
+    the partition stage's clients and a scorer of a model's accuracy on the dev split (the
+    first --max-eval rows), with the base model's zero-shot accuracy measured once."""
+
+    def __init__(self, args):
+        import pandas as pd
+
+        from edgetune.config import load_params
+        from edgetune.federated.setup import load_clients
+        from edgetune.models import load_hf
+        from edgetune.scoring import label_token_ids
+        from edgetune.tasks import get_task
+
+        self.params, self.path = load_params(args.params), str(model_dir(args.model))
+        self.task, self.clients = get_task(args.task), load_clients(args.partitions)
+        frame = pd.read_parquet(args.eval)
+        frame = frame.head(args.max_eval) if args.max_eval else frame
+        self.prompts, self.gold = frame["prompt"].tolist(), frame["label"].astype(int).tolist()
+        base, self.tok = load_hf(self.path)
+        self.ids = label_token_ids(self.tok, self.task.label_words)
+        self.zero_shot = self(base, "zero-shot")
+
+    def __call__(self, model, what: str) -> float:
+        from edgetune.scoring import accuracy
+
+        return accuracy(model, self.tok, self.prompts, self.gold, self.ids, 16, 128, what)
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, dict]:
     """'label:key.sub=value' -> {label: {key: {sub: value}}} (values parsed as YAML)."""
     import yaml

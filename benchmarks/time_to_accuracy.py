@@ -66,25 +66,34 @@ def accuracy_within(points: list[dict], minutes: float) -> float | None:
     return fitting[-1] if fitting else None
 
 
-def run_case(label, cfg, path, task, clients, score, args, mlflow) -> list[dict]:
-    """Train one case until its rounds or minutes run out, scoring every eval_every rounds."""
+def case_fingerprint(cfg, args) -> str:
+    """What a case's cache is keyed by: its training config but the number of rounds (more
+    rounds go on from the saved ones), the task and the partition files."""
+    from edgetune.federated.resume import fingerprint
+
+    shape = {k: v for k, v in cfg.training_key().items() if k != "num_rounds"}
+    return fingerprint({"cfg": shape, "task": args.task}, [Path(args.partitions)])
+
+
+def run_case(label, cfg, score, args, mlflow) -> list[dict]:
+    """Train one case until its rounds or minutes run out, scoring every eval_every rounds
+    (score: common.DevScorer, which also holds the model folder, task and clients)."""
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.resume import ResumeFolder, fingerprint
+    from edgetune.federated.resume import ResumeFolder
     from edgetune.federated.setup import attack_of, centralize, prepare
 
-    use, rate = clients, cfg.sample_rate
+    use, rate = score.clients, cfg.sample_rate
     if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
-        use, rate, cfg = centralize(clients, cfg)
+        use, rate, cfg = centralize(score.clients, cfg)
     folder = Path(args.cache) / args.name / label
-    shape = {k: v for k, v in cfg.training_key().items() if k != "num_rounds"}  # more rounds: go on
-    resume = ResumeFolder(folder, fingerprint({"cfg": shape, "task": args.task}, [Path(args.partitions)]))
+    resume = ResumeFolder(folder, case_fingerprint(cfg, args))
     curve = Curve(folder)
     if curve.points and (curve.points[-1]["train_seconds"] >= args.minutes * 60
                          or curve.points[-1]["round"] >= cfg.num_rounds):
         for point in curve.points:  # done on an earlier run: nothing to train
             log_point(mlflow, point)
         return curve.points
-    method, model = prepare(path, task, cfg, len(use), rate)
+    method, model = prepare(score.path, score.task, cfg, len(use), rate)
     per_client = cfg.local_steps * (cfg.zo.samples if cfg.spec.zo else 1)
     losses: dict[int, float] = {}
 
@@ -124,11 +133,12 @@ def plot(results: dict, zero_shot: float, out: Path) -> None:
                ("client_steps", "client steps", 1, "linear"), ("megabytes", "MB exchanged", 1, "log")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
     for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
-        for label, case in results.items():
+        for i, (label, case) in enumerate(results.items()):
             pts = case["curve"]
             start = [] if xscale == "log" else [(0.0, zero_shot)]  # every case starts at the base model
             xy = start + [(p[key] * scale, p["accuracy"]) for p in pts]
-            ax.plot(*zip(*xy), marker="o", ms=3, label=label)
+            colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
+            ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
         ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
@@ -153,29 +163,11 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="tta_sst2")
     args = p.parse_args(argv)
 
-    import pandas as pd
-
-    from benchmarks.common import RESULTS, method_config, model_dir, parse_overrides, save
+    from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save
     from edgetune import tracking
-    from edgetune.config import load_params
-    from edgetune.federated.setup import load_clients
-    from edgetune.models import load_hf
-    from edgetune.scoring import accuracy, label_token_ids
-    from edgetune.tasks import get_task
 
-    params, path, task = load_params(args.params), str(model_dir(args.model)), get_task(args.task)
-    clients = load_clients(args.partitions)
-    frame = pd.read_parquet(args.eval)
-    frame = frame.head(args.max_eval) if args.max_eval else frame
-    prompts, gold = frame["prompt"].tolist(), frame["label"].astype(int).tolist()
-    base, tok = load_hf(path)
-    ids = label_token_ids(tok, task.label_words)
-
-    def score(model, what: str) -> float:
-        return accuracy(model, tok, prompts, gold, ids, 16, 128, what)
-
-    zero_shot = score(base, "zero-shot")
-    del base
+    score = DevScorer(args)
+    params, zero_shot = score.params, score.zero_shot
     budget = {"num_rounds": args.rounds, **({"local_steps": args.local_steps} if args.local_steps else {})}
     overrides = parse_overrides(args.set)
     mlflow = tracking.configure("edgetune-benchmarks")
@@ -188,7 +180,7 @@ def main(argv=None) -> None:
                                    "overrides": " ".join(s for s in args.set if s.startswith(f"{label}:")),
                                    **cfg.resolved()})
                 t0 = time.perf_counter()
-                points = run_case(label, cfg, path, task, clients, score, args, mlflow)
+                points = run_case(label, cfg, score, args, mlflow)
             results[label] = {
                 "method": cfg.method, "trainable": cfg.trainable_set, "curve": points,
                 "final_accuracy": points[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in points),
@@ -204,7 +196,7 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(results, zero_shot, png)
     out = save(args.name, {"zero_shot": {"accuracy": zero_shot}, **results, "at_equal_minutes": table},
-               {"model": path, "task": args.task, "eval_examples": len(prompts), "rounds": args.rounds,
+               {"model": score.path, "task": args.task, "eval_examples": len(score.prompts), "rounds": args.rounds,
                 "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(args.methods),
                 "local_steps": args.local_steps or params.finetune.local_steps, "overrides": " ".join(args.set)},
                artifacts=[png])

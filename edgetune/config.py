@@ -152,6 +152,10 @@ class ZOParams(Section):
         None, ge=1, description="inverse-time decay of the ZO step (Robbins & Monro 1951): round r "
         "steps with lr * T / (T + r), T this many rounds; null = constant. A function of params and "
         "round only, so every party that replays the pairs applies the same step")
+    average_rounds: int | None = Field(
+        None, ge=1, description="the finetune stage's model is the mean of the last this many rounds' "
+        "global models (tail averaging, Polyak & Juditsky 1992), rebuilt from their pairs; null = the "
+        "last round's. Changes what is saved, not training")
     K: int = Field(4096, ge=1, description="FedKSeed: number of candidate seeds fixed at the start")
     pro_temperature: float = Field(
         0.5, gt=0, description="FedKSeed-Pro: softmax temperature over normalized seed importance"
@@ -416,6 +420,12 @@ class FinetuneParams(Section):
         if self.zo.secret and not self.spec.zo:
             raise ValueError(f"finetune.zo.secret: keyed seeds are for the seed-scalar methods; "
                              f"{self.method} sends weights (set it to null)")
+        if self.zo.average_rounds and not self.spec.zo:
+            raise ValueError(f"finetune.zo.average_rounds: averaging rebuilds past global models from "
+                             f"their seed-scalar pairs; {self.method} sends weights (set it to null)")
+        if self.zo.average_rounds and self.weight_decay:
+            raise ValueError("finetune.zo.average_rounds: the average is rebuilt by replaying pairs, "
+                             "which is exact only without weight decay; set finetune.weight_decay to 0")
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")
@@ -455,8 +465,11 @@ class FinetuneParams(Section):
 
     def training_key(self) -> dict:
         """What shapes training, for resume fingerprints: the params and the values their `auto`
-        knobs stand for (a changed default must not resume a run made under the old one)."""
-        return {**self.model_dump(mode="json"), **self.resolved()}
+        knobs stand for (a changed default must not resume a run made under the old one).
+        zo.average_rounds only changes the saved model, so a run resumes across it."""
+        key = {**self.model_dump(mode="json"), **self.resolved()}
+        key["zo"] = {k: v for k, v in key["zo"].items() if k != "average_rounds"}
+        return key
 
     @property
     def server_optimizer(self) -> str:

@@ -142,6 +142,35 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert set(record["results"]["at_equal_minutes"]["fedkseed"]) >= {"5 min", "30 min", "90 min"}
 
 
+def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model_dir, sst2_prompts, tmp_path,
+                                                                       monkeypatch, capsys):
+    """benchmarks/tail_average.py trains nothing: it replays the time-to-accuracy cache and scores,
+    at the chosen rounds, the model zo.average_rounds would save; a cache trained under another
+    config is refused, not replayed into wrong weights."""
+    import benchmarks.common
+    from benchmarks import tail_average, time_to_accuracy
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    parts, dev = tiny_project(tmp_path, sst2_prompts)
+    common = ["--model", str(tiny_model_dir), "--partitions", str(parts), "--eval", str(dev),
+              "--methods", "fk", "--set", "fk:method=fedkseed", "--set", "fk:zo.lr=1e-2", "--local-steps", "1",
+              "--cache", str(tmp_path / "cache"), "--name", "tta_test"]
+    time_to_accuracy.main([*common, "--rounds", "3", "--eval-every", "1"])
+    saved = tmp_path / "cache" / "tta_test" / "fk" / "round-0003.pt"
+    stamp = saved.stat().st_mtime_ns
+    tail_average.main([*common, "--average", "2", "--from", "2", "--every", "5"])
+    assert saved.stat().st_mtime_ns == stamp and len(list(saved.parent.glob("round-*.pt"))) == 1
+    record = json.loads((tmp_path / "results" / "tta_test_average.json").read_text())["results"]["fk"]
+    curve = json.loads((tmp_path / "results" / "tta_test.json").read_text())["results"]["fk"]["curve"]
+    assert [p["round"] for p in record["curve"]] == [2, 3]  # from 2, and always the last
+    assert [p["last_accuracy"] for p in record["curve"]] == [p["accuracy"] for p in curve[1:]]
+    assert (tmp_path / "results" / "tta_test_average.png").stat().st_size > 10_000
+    other = [a if a != "fk:zo.lr=1e-2" else "fk:zo.lr=1e-3" for a in common]
+    with pytest.raises(SystemExit, match="trained under another config"):
+        tail_average.main([*other, "--average", "2"])
+
+
 def test_sparse_fedkseed_moves_only_the_small_weights_and_says_so_in_its_messages(tiny_model_dir, sst2_prompts):
     """finetune.zo.sparsity (Sparse MeZO): a federation's global model changes only on each
     matrix's masked (small-magnitude) entries, and every message carries the mask in its tag,
@@ -184,3 +213,38 @@ def test_a_decaying_zo_step_is_replayed_round_by_round(tiny_model_dir, sst2_prom
     replayed, replayed_model = build(tiny_model_dir, constant)
     replayed.rebuild(replayed_model, state)
     assert weights_hash(replayed.params) != synced
+
+
+def test_the_saved_model_is_the_mean_of_the_last_rounds_global_models(tiny_model_dir, sst2_prompts, tmp_path):
+    """finetune.zo.average_rounds: 2 saves (theta_2 + theta_3) / 2, rebuilt from the pairs
+    alone; the run itself (its history, so its resume key) is the one without averaging."""
+    from tests.helpers import federate
+
+    cfg = FinetuneParams(method="fedkseed", num_rounds=3, local_steps=2, batch_size=4,
+                         zo={"lr": 1e-2, "K": 64, "average_rounds": 2})
+    method, model, state, _ = federate(tiny_model_dir, make_clients(sst2_prompts, n=2, size=16), cfg)
+    assert cfg.training_key() == cfg.model_copy(update={"zo": cfg.zo.model_copy(
+        update={"average_rounds": None})}).training_key()
+
+    replayer, replayed = build(tiny_model_dir, cfg)
+    rounds = replayer.history(state)
+    for s in range(2):
+        zo.replay(replayer.params, *rounds[s], cfg.zo_lr_at(s), 0.0, replayer.sampler)
+    theta_2 = zo.snapshot(replayer.params)
+    zo.replay(replayer.params, *rounds[2], cfg.zo_lr_at(2), 0.0, replayer.sampler)
+    theta_3 = zo.snapshot(replayer.params)
+
+    method.export(model, state, tmp_path)
+    saved = zo.trainable(type(model).from_pretrained(tmp_path / "merged"))
+    for p, a, b in zip(saved, theta_2, theta_3):
+        torch.testing.assert_close(p, (a + b) / 2, rtol=0, atol=1e-6)
+    assert any(not torch.equal(p, b) for p, b in zip(saved, theta_3))
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"method": "fedit", "zo": {"average_rounds": 4}}, "fedit sends weights"),
+    ({"method": "fedkseed", "weight_decay": 0.01, "zo": {"average_rounds": 4}}, "exact only without weight decay"),
+])
+def test_averaging_rounds_is_refused_where_pairs_cannot_rebuild_the_mean(knobs, message):
+    with pytest.raises(ValueError, match=f"finetune.zo.average_rounds: .*{message}"):
+        FinetuneParams(**knobs)

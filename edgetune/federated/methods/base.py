@@ -86,9 +86,13 @@ class FederatedMethod(ABC):
     def apply_global(self, model, state: dict[str, torch.Tensor]) -> None:
         """Put the global state's weights into the model (for evaluation or export)."""
 
+    def apply_output(self, model, state: dict[str, torch.Tensor]) -> None:
+        """Put the weights the stage saves into the model: the last global model's here."""
+        self.apply_global(model, state)
+
     def export(self, model, state: dict[str, torch.Tensor], out_dir) -> None:
         """Write the final model as an HF folder out_dir/merged that from_pretrained loads."""
-        self.apply_global(model, state)
+        self.apply_output(model, state)
         save_model(model, self.tok, Path(out_dir) / "merged")
 
 

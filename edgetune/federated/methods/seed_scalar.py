@@ -169,6 +169,26 @@ class SeedScalarMethod(FederatedMethod):
         for round_, (seeds, grads) in enumerate(self.history(state)[start:], start):
             zo.replay(self.params, seeds, grads, self.cfg.zo_lr_at(round_), self.cfg.weight_decay, self.sampler)
 
+    def apply_output(self, model, state) -> None:
+        """The last global model, or with zo.average_rounds: k the mean of the last k rounds'
+        global models (all of them when fewer rounds ran)."""
+        self.apply_global(model, state)
+        if self.cfg.zo.average_rounds:
+            self.average_last_rounds(self.history(state), self.cfg.zo.average_rounds)
+
+    @torch.no_grad()
+    def average_last_rounds(self, rounds: list[tuple[list[int], list[float]]], k: int) -> None:
+        """Tail averaging (Polyak & Juditsky 1992; Jain et al. 2018 for SGD's last iterates):
+        from the last round R's weights to the mean of rounds R-k+1..R. Round s's update is in
+        R - s of those k models, so it is replayed once more scaled by (R - s)/k - 1: no copy
+        of the weights, exact up to float rounding without weight decay (config refuses it
+        with decay). `rounds`: the history up to the round the model holds. Written here: no
+        library averages seed-scalar histories."""
+        last, k = len(rounds), min(k, len(rounds))
+        for s in range(last - k + 1, last):  # round `last - k`'s update is in all k: weight 1
+            seeds, grads = rounds[s]
+            zo.replay(self.params, seeds, grads, self.cfg.zo_lr_at(s) * ((last - s) / k - 1), 0.0, self.sampler)
+
     def checkpoint_state(self) -> dict:
         return {**super().checkpoint_state(), "zo": self.sampler.tag}
 
