@@ -78,8 +78,10 @@ class ZODefaults:
 # from the long curves in benchmarks/results/tta_sst2_long.json (FedKSeed, SST-2, 8 Dirichlet
 # clients): 1e-4 led the 160-step sweep (zo_sweep_full.json) but drifts below zero-shot after
 # 400 client steps, 3e-4 falls apart within 80, while 3e-5 gains ~3 points and holds. lora,
-# benchmarks/results/methods_sst2.json; prefix, prompt and bitfit: LoRA's eps and a third of its
-# lr, not swept yet.
+# benchmarks/results/methods_sst2.json: in tta_sst2_long it keeps up with full weights to 1,000
+# client steps and then diverges to chance (1e-3 is stable but gains 2 points at most in 28
+# minutes), so runs longer than that need a smaller or decaying step. prefix, prompt and
+# bitfit: LoRA's eps and a third of its lr, not swept yet.
 ZO_DEFAULTS: dict[str, ZODefaults] = {
     "full": ZODefaults(lr=3e-5, eps=1e-3),
     "lora": ZODefaults(lr=3e-3, eps=1e-2),
