@@ -13,6 +13,8 @@ Long budgets resume: each case saves every round in benchmarks/.cache/tta/<name>
 (federated/resume.py, keyed by the case's config), so a killed run, or a second run with a
 larger --minutes or --rounds, goes on from the last round with the curve so far; a case that
 already used its budget is not trained again (add cases to a finished command and re-run it).
+Where that cache is gone (a fresh clone), `--merge` adds this call's cases to the committed
+<name>.json and keeps the curves recorded there for the cases it does not run.
 
     python -m benchmarks.time_to_accuracy --rounds 100 --local-steps 5 --eval-every 5 \
         --minutes 30 --name tta_sst2 --methods fedit fedkseed fedkseed-lora job mezo \
@@ -123,6 +125,19 @@ def run_case(label, cfg, score, args, mlflow) -> list[dict]:
     return curve.points
 
 
+def recorded_cases(path: Path, zero_shot: float, args) -> dict:
+    """The cases of a committed results file that this call does not run (--merge); refused
+    when that file scored another dev set (its zero-shot accuracy differs)."""
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text())["results"]
+    if abs(record["zero_shot"]["accuracy"] - zero_shot) > 1e-9:
+        raise SystemExit(f"--merge: {path} was scored at zero-shot {record['zero_shot']['accuracy']:.4f}, "
+                         f"this call at {zero_shot:.4f}: another task, model or dev split; use another --name")
+    return {label: case for label, case in record.items()
+            if label not in ("zero_shot", "at_equal_minutes") and label not in args.methods}
+
+
 def plot(results: dict, zero_shot: float, out: Path) -> None:
     import matplotlib
 
@@ -161,6 +176,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval-every", type=int, default=5, help="rounds between two scorings")
     p.add_argument("--cache", default="benchmarks/.cache/tta", help="resume state and curves per case")
     p.add_argument("--name", default="tta_sst2")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the cases of an existing results/<name>.json that this call does not run")
     args = p.parse_args(argv)
 
     from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save
@@ -168,6 +185,7 @@ def main(argv=None) -> None:
 
     score = DevScorer(args)
     params, zero_shot = score.params, score.zero_shot
+    kept = recorded_cases(RESULTS / f"{args.name}.json", zero_shot, args) if args.merge else {}
     budget = {"num_rounds": args.rounds, **({"local_steps": args.local_steps} if args.local_steps else {})}
     overrides = parse_overrides(args.set)
     mlflow = tracking.configure("edgetune-benchmarks")
@@ -190,6 +208,7 @@ def main(argv=None) -> None:
                 "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr, **({"eps": cfg.zo_eps} if cfg.spec.zo else {}),
                 "overrides": " ".join(s for s in args.set if s.startswith(f"{label}:")),
             }
+    results = {**kept, **results}
     budgets = sorted({5, 10, 15, 30, 60, 90, args.minutes})
     table = {label: {f"{m:g} min": accuracy_within(r["curve"], m) for m in budgets} for label, r in results.items()}
     png = RESULTS / f"{args.name}.png"
@@ -197,8 +216,9 @@ def main(argv=None) -> None:
     plot(results, zero_shot, png)
     out = save(args.name, {"zero_shot": {"accuracy": zero_shot}, **results, "at_equal_minutes": table},
                {"model": score.path, "task": args.task, "eval_examples": len(score.prompts), "rounds": args.rounds,
-                "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(args.methods),
-                "local_steps": args.local_steps or params.finetune.local_steps, "overrides": " ".join(args.set)},
+                "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(results),
+                "local_steps": args.local_steps or params.finetune.local_steps,
+                "overrides": " ".join(r["overrides"] for r in results.values() if r["overrides"])},
                artifacts=[png])
     print(json.dumps(table, indent=1))
     print(out)

@@ -4,6 +4,7 @@ inits that give ZO a signal through both factors, and the time-to-accuracy bench
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -140,6 +141,16 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert curve[0]["train_seconds"] < curve[1]["train_seconds"] < curve[2]["train_seconds"]
     assert (tmp_path / "results" / "tta_test.png").stat().st_size > 10_000
     assert set(record["results"]["at_equal_minutes"]["fedkseed"]) >= {"5 min", "30 min", "90 min"}
+
+    # A fresh clone has the committed JSON but no cache: --merge adds a case and keeps the rest.
+    shutil.rmtree(tmp_path / "cache")
+    more = [a if a != "fedkseed" else "job" for a in args[:args.index("--set")]] + args[args.index("--local-steps"):]
+    time_to_accuracy.main([*more, "--rounds", "1", "--merge"])
+    merged = json.loads((tmp_path / "results" / "tta_test.json").read_text())
+    assert merged["results"]["fedkseed"]["curve"] == curve  # kept as recorded, not retrained
+    assert [p["round"] for p in merged["results"]["job"]["curve"]] == [1]
+    assert set(merged["results"]["at_equal_minutes"]) == {"fedkseed", "job"}
+    assert "fedkseed:trainable=lora" in merged["params"]["overrides"]
 
 
 def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model_dir, sst2_prompts, tmp_path,
