@@ -148,10 +148,11 @@ class ZOParams(Section):
         "from the recorded sweeps in benchmarks/results/)")
     eps: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
         "auto", description="perturbation scale; auto = the trainable set's own (registry.ZO_DEFAULTS)")
-    lr_decay_rounds: int | None = Field(
-        None, ge=1, description="inverse-time decay of the ZO step (Robbins & Monro 1951): round r "
-        "steps with lr * T / (T + r), T this many rounds; null = constant. A function of params and "
-        "round only, so every party that replays the pairs applies the same step")
+    lr_decay_rounds: Annotated[int, Field(ge=1)] | None | Literal["auto"] = Field(
+        "auto", description="inverse-time decay of the ZO step (Robbins & Monro 1951): round r "
+        "steps with lr * T / (T + r), T this many rounds; null = constant; auto = the trainable "
+        "set's own (registry.ZO_DEFAULTS: 50 for lora, constant otherwise). A function of params "
+        "and round only, so every party that replays the pairs applies the same step")
     average_rounds: int | None = Field(
         None, ge=1, description="the finetune stage's model is the mean of the last this many rounds' "
         "global models (tail averaging, Polyak & Juditsky 1992), rebuilt from their pairs; null = the "
@@ -446,10 +447,16 @@ class FinetuneParams(Section):
         """zo.lr, or the trainable set's default when auto."""
         return registry.ZO_DEFAULTS[self.trainable_set].lr if self.zo.lr == "auto" else self.zo.lr
 
+    @property
+    def zo_decay_rounds(self) -> int | None:
+        """zo.lr_decay_rounds, or the trainable set's default when auto (None = constant)."""
+        decay = self.zo.lr_decay_rounds
+        return registry.ZO_DEFAULTS[self.trainable_set].decay_rounds if decay == "auto" else decay
+
     def zo_lr_at(self, round_: int) -> float:
         """The ZO step of training round `round_` (0 = the first): zo_lr, decayed with
         zo.lr_decay_rounds. Every replay of that round's pairs must use this same value."""
-        decay = self.zo.lr_decay_rounds
+        decay = self.zo_decay_rounds
         return self.zo_lr if decay is None else self.zo_lr * decay / (decay + round_)
 
     @property
@@ -457,10 +464,12 @@ class FinetuneParams(Section):
         """zo.eps, or the trainable set's default when auto."""
         return registry.ZO_DEFAULTS[self.trainable_set].eps if self.zo.eps == "auto" else self.zo.eps
 
-    def resolved(self) -> dict[str, float]:
+    def resolved(self) -> dict[str, float | str]:
         """The values the `auto` knobs stand for in this run (logged beside the params)."""
         if self.spec.zo:
-            return {"finetune.zo.lr_resolved": self.zo_lr, "finetune.zo.eps_resolved": self.zo_eps}
+            decay = self.zo_decay_rounds
+            return {"finetune.zo.lr_resolved": self.zo_lr, "finetune.zo.eps_resolved": self.zo_eps,
+                    "finetune.zo.lr_decay_rounds_resolved": "constant" if decay is None else decay}
         return {"finetune.lr_resolved": self.client_lr}
 
     def training_key(self) -> dict:
@@ -469,6 +478,9 @@ class FinetuneParams(Section):
         zo.average_rounds only changes the saved model, so a run resumes across it."""
         key = {**self.model_dump(mode="json"), **self.resolved()}
         key["zo"] = {k: v for k, v in key["zo"].items() if k != "average_rounds"}
+        if key["zo"]["lr_decay_rounds"] == "auto":  # its value, so a run made before auto resumes
+            key["zo"]["lr_decay_rounds"] = self.zo_decay_rounds if self.spec.zo else None
+        key.pop("finetune.zo.lr_decay_rounds_resolved", None)
         return key
 
     @property

@@ -23,9 +23,26 @@ def test_zo_lr_and_eps_auto_follow_the_trainable_set():
     assert lora.zo_lr > 10 * full.zo_lr  # a LoRA step at the full-weight lr does not move the model
     pinned = FinetuneParams(method="fedkseed", trainable="lora", zo={"lr": 0.5, "eps": 0.25})
     assert (pinned.zo_lr, pinned.zo_eps) == (0.5, 0.25)
-    assert pinned.resolved() == {"finetune.zo.lr_resolved": 0.5, "finetune.zo.eps_resolved": 0.25}
+    assert pinned.resolved() == {"finetune.zo.lr_resolved": 0.5, "finetune.zo.eps_resolved": 0.25,
+                                 "finetune.zo.lr_decay_rounds_resolved": 50}
     assert FinetuneParams(method="fedit").resolved() == {"finetune.lr_resolved": 1e-3}
     assert set(registry.ZO_DEFAULTS) == set(registry.TRAINABLE_SETS)
+
+
+def test_the_lora_zo_step_decays_by_default_and_full_weights_keep_a_constant_one():
+    """zo.lr_decay_rounds: auto: LoRA's step at its lr diverges past ~1,000 client steps unless
+    it decays (docs/results.md); full weights' stays constant, and so does their resume key."""
+    lora, full = FinetuneParams(method="fedkseed", trainable="lora"), FinetuneParams(method="fedkseed")
+    assert lora.zo_decay_rounds == 50 and lora.zo_lr_at(50) == pytest.approx(lora.zo_lr / 2)
+    assert full.zo_decay_rounds is None and full.zo_lr_at(500) == full.zo_lr
+    assert full.resolved()["finetune.zo.lr_decay_rounds_resolved"] == "constant"
+    assert FinetuneParams(method="fedkseed", trainable="lora", zo={"lr_decay_rounds": None}).zo_lr_at(50) == lora.zo_lr
+    # auto keys resume as the value it stands for: a run made under the old `null` still resumes
+    assert full.training_key() == FinetuneParams(method="fedkseed", zo={"lr_decay_rounds": None}).training_key()
+    assert lora.training_key() == FinetuneParams(method="fedkseed", trainable="lora",
+                                                 zo={"lr_decay_rounds": 50}).training_key()
+    fedit = FinetuneParams(method="fedit")
+    assert fedit.training_key() == FinetuneParams(method="fedit", zo={"lr_decay_rounds": None}).training_key()
 
 
 def test_a_changed_auto_default_does_not_resume_a_run_made_under_the_old_one(monkeypatch):
