@@ -205,7 +205,7 @@ def main(argv=None) -> None:
                 "gain_points": 100 * (points[-1]["accuracy"] - zero_shot),
                 "train_minutes": points[-1]["train_seconds"] / 60, "client_steps": points[-1]["client_steps"],
                 "megabytes": points[-1]["megabytes"], "wall_minutes_this_run": (time.perf_counter() - t0) / 60,
-                "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr, **({"eps": cfg.zo_eps} if cfg.spec.zo else {}),
+                "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr, **({"eps": cfg.zo_eps, "lr_decay_rounds": cfg.zo_decay_rounds} if cfg.spec.zo else {}),
                 "overrides": " ".join(s for s in args.set if s.startswith(f"{label}:")),
             }
     results = {**kept, **results}

@@ -154,6 +154,7 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     record = json.loads((tmp_path / "results" / "tta_test.json").read_text())
     curve = record["results"]["fedkseed"]["curve"]
     assert [p["round"] for p in curve] == [1, 2, 3]
+    assert record["results"]["fedkseed"]["lr_decay_rounds"] == 50  # LoRA's auto decay, recorded
     assert [p["client_steps"] for p in curve] == [2, 4, 6]  # 2 of 4 clients x 1 step per round
     assert curve[0]["train_seconds"] < curve[1]["train_seconds"] < curve[2]["train_seconds"]
     assert (tmp_path / "results" / "tta_test.png").stat().st_size > 10_000
