@@ -48,7 +48,11 @@ run: setup
 # (pytest 1,033 -> 1,218 s on CI); OMP_NUM_THREADS in the environment overrides it. A whole test
 # file at a time, so module fixtures build once, the longest first (tests/conftest.py
 # LONGEST_FIRST); PYTEST_ARGS="-n 0" runs everything in one process.
+# OMP_WAIT_POLICY=PASSIVE: torch's OpenMP threads sleep at once when idle instead of spinning,
+# which two workers' processes sharing 2 cores otherwise do on each other's cores (two 2-thread
+# SmolLM2 train+eval loops at once: 63 s each spinning, 28 s passive; 16-19 s alone either way).
 TEST_THREADS = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1}
+test test-fast: export OMP_WAIT_POLICY ?= PASSIVE
 
 test: setup-dev
 	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)

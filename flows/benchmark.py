@@ -97,10 +97,11 @@ def make_workspace(folder: Path, params: dict) -> None:
         subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=folder, check=True)
 
 
-def run_cell(folder: Path, tags: dict[str, str], tracking_uri: str, keep_models: bool) -> dict:
-    """Run the pipeline flow in the cell's workspace; returns status, seconds, error tail."""
+def run_cell(folder: Path, tags: dict[str, str], tracking_uri: str, keep_models: bool, prefect_api: str) -> dict:
+    """Run the pipeline flow in the cell's workspace, on the grid's Prefect server (its flow run
+    beside the grid's; no temporary server per cell); returns status, seconds, error tail."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "EDGETUNE_RUN_TAGS": json.dumps(tags),
-           "EDGETUNE_RUN_NAME": folder.name,
+           "EDGETUNE_RUN_NAME": folder.name, "PREFECT_API_URL": prefect_api,
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
     with open(folder / "pipeline.log", "w") as log:
@@ -145,11 +146,14 @@ def build_flow(concurrency: int):
     from prefect.task_runners import ThreadPoolTaskRunner
 
     @task(task_run_name="{label}")
-    def cell_task(label: str, folder: Path, tags: dict, tracking_uri: str, keep_models: bool) -> dict:
-        return run_cell(folder, tags, tracking_uri, keep_models)
+    def cell_task(label: str, folder: Path, tags: dict, tracking_uri: str, keep_models: bool,
+                  prefect_api: str) -> dict:
+        return run_cell(folder, tags, tracking_uri, keep_models, prefect_api)
 
     @flow(name="edgetune-benchmark", task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
     def benchmark(grid_file: Path, out: Path, keep_models: bool) -> dict:
+        from prefect.client.orchestration import get_client
+
         from edgetune import tracking
 
         grid, cells = load_grid(grid_file)
@@ -157,12 +161,13 @@ def build_flow(concurrency: int):
         tracking_uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{out / 'mlflow.db'}"
         os.environ["MLFLOW_TRACKING_URI"] = tracking_uri
         mlflow = tracking.configure(grid.experiment)  # create the store once, before cells race to
+        prefect_api = str(get_client(sync_client=True).api_url).rstrip("/")  # PREFECT_API_URL's or a temporary one
         futures = {}
         for label, params in cells.items():
             folder = out / "cells" / label
             make_workspace(folder, params)
             tags = {"edgetune.grid": grid.name, "edgetune.cell": label.rsplit("-", 1)[0]}
-            futures[label] = cell_task.submit(label, folder, tags, tracking_uri, keep_models)
+            futures[label] = cell_task.submit(label, folder, tags, tracking_uri, keep_models, prefect_api)
         outcomes = {label: f.result() for label, f in futures.items()}
         files = write_report(grid, out, tracking_uri, outcomes)
         with mlflow.start_run(run_name=f"grid {grid.name}",

@@ -31,7 +31,7 @@ def grid_run(tmp_path_factory, tiny_model_dir, mirror):
             "base": {**TINY, "model.source": str(tiny_model_dir)},
             "cells": [{"label": "fedit", "set": {"finetune.method": "fedit"}},
                       {"label": "job", "set": {"finetune.method": "job", "finetune.trainable": "lora"}},
-                      {"label": "broken", "set": {"finetune.lora.targets": ["no_such_module"]}}],
+                      {"label": "broken", "set": {"model.source": str(root / "no_such_model")}}],
             "concurrency": 3}
     (root / "grid.yaml").write_text(yaml.safe_dump(grid))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "PREFECT_API"))}
@@ -46,7 +46,7 @@ def test_a_failing_cell_is_reported_and_fails_the_flow(grid_run):
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     cells = (out / "cells.md").read_text()
     assert "| fedit-sst2 | FINISHED |" in cells and "| job-sst2 | FINISHED |" in cells
-    assert "| broken-sst2 | FAILED |" in cells and "no_such_module" in cells
+    assert "| broken-sst2 | FAILED |" in cells and "no_such_model" in cells
 
 
 def test_tables_come_from_the_runs_of_this_grid(grid_run):

@@ -1,6 +1,7 @@
 """Pipeline wiring on a tiny model (fast tier): the Prefect flow over the DVC stages, MLflow
-parent / child runs, DVC caching (the zero-shot scores cached apart from fine-tuning), no model
-measured twice, and a failing stage. The same flow on the real SmolLM2 with real metrics is
+parent / child runs, DVC caching (the zero-shot scores cached apart from fine-tuning; a
+compression chain re-running compress only), switching to prefix tuning, no model measured
+twice, and a failing stage. The same flow on the real SmolLM2 with real metrics is
 tests/test_pipeline_e2e.py."""
 
 from __future__ import annotations
@@ -119,10 +120,13 @@ def test_immediate_second_repro_runs_nothing(project):
 
 
 def test_a_finetune_knob_reruns_only_finetune_and_what_follows(project):
-    """The zero-shot scores and the calibration do not depend on finetune.*: the flow takes
-    them from DVC's cache and links their cached runs under the new parent run."""
+    """finetune.method=fedpeptao (prefix tuning): the zero-shot scores and the calibration do
+    not depend on finetune.*, so the flow takes them from DVC's cache and links their cached
+    runs under the new parent run; the adapter-folder output goes through compress and
+    evaluate and reloads as a PeftModel."""
     root, env, _ = project
-    old = set_params(root, {"finetune": {"lr": 2e-3}})
+    # round 1 scores layers, round 2 trains the selected ones
+    old = set_params(root, {"finetune": {"method": "fedpeptao", "num_rounds": 2}})
     try:
         rc, output = run([sys.executable, "-m", "flows.pipeline"], root, env)
         assert rc == 0, output[-4000:]
@@ -130,8 +134,47 @@ def test_a_finetune_knob_reruns_only_finetune_and_what_follows(project):
         parent, children, runs = parent_and_children(root)
         cached = {r.data.tags["edgetune.stage"] for r in children if r.data.tags["edgetune.cached"] == "true"}
         assert cached == STAGES - {"finetune", "compress", "export", "evaluate"} and len(children) == len(STAGES)
-        assert parent.data.params["finetune.lr"] == "0.002" and "accuracy_finetuned" in parent.data.metrics
+        assert parent.data.params["finetune.method"] == "fedpeptao" and "accuracy_finetuned" in parent.data.metrics
         assert all(r.info.status == "FINISHED" for r in runs)
+        ft = json.loads((root / "metrics" / "finetune.json").read_text())
+        assert ft["trainable_set"] == "prefix" and ft["bytes_up_per_client_round"] < 100_000
+        ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+        assert ev["finetuned"]["perplexity"] != ev["base"]["perplexity"]  # the prefix is applied
+        code = ("import sys; from edgetune.models import load_hf; "
+                "print([type(load_hf(p)[0]).__name__ for p in sys.argv[1:]])")
+        rc, out = run([sys.executable, "-c", code, "models/finetuned/merged", "models/compressed"], root, env)
+        assert rc == 0 and out.count("PeftModel") == 2, out[-2000:]
+    finally:
+        (root / "params.yaml").write_text(old)
+
+
+def test_a_compression_chain_reruns_compress_only_and_reloads(project):
+    """structural pruning + recovery -> W4 (round-to-nearest): fine-tuning and calibration come
+    from DVC's cache, every step is measured, evaluate takes the last step's measurement, and
+    the final folder reloads with a plain from_pretrained. Half the tiny model's MLP channels
+    go (0.0075 of its parameters: tests/test_structural.py)."""
+    root, env, _ = project
+    old = set_params(root, {"compress": {"steps": [
+        {"method": "structural", "ratio": 0.0075, "recovery_steps": 2, "recovery_batch_size": 4},
+        {"method": "rtn", "bits": 4, "group_size": 64}]}})
+    try:
+        rc, output = run([sys.executable, "-m", "dvc", "repro"], root, env)
+        assert rc == 0, output[-4000:]
+        assert ran_stages(output) == {"compress", "export", "evaluate"}
+        steps = json.loads((root / "metrics" / "compress.json").read_text())["steps"]
+        pruned, quantized = steps["0_structural"], steps["1_rtn"]
+        assert pruned["params_removed_share"] == pytest.approx(0.0075, rel=0.05)
+        assert pruned["params"] == quantized["params"] < pruned["params_before"]
+        assert (pruned["bits"], quantized["bits"]) == (32, 4)
+        assert quantized["size_mb"] < pruned["size_mb"]
+        assert all(0 <= s["accuracy"] <= 1 and s["perplexity"] > 1 for s in (pruned, quantized))
+        ev = json.loads((root / "metrics" / "evaluate.json").read_text())
+        assert ev["compressed"]["measured_by"] == "compress"  # not measured a second time
+        assert ev["compressed"]["accuracy"] == quantized["accuracy"]
+        code = ("import sys; from transformers import AutoModelForCausalLM as M; "
+                "m = M.from_pretrained(sys.argv[1]); print('intermediate_size', m.config.intermediate_size)")
+        rc, out = run([sys.executable, "-c", code, "models/compressed"], root, env)
+        assert rc == 0 and "intermediate_size 64" in out.splitlines(), out[-2000:]
     finally:
         (root / "params.yaml").write_text(old)
 
