@@ -4,6 +4,7 @@ exchanged dictionary gets bit-identical weights."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -30,30 +31,47 @@ def run(tiny_model_dir, clients, method_name, rounds=2, tmp=None, **overrides):
 PHILOX_RADEMACHER = {"generator": "philox", "distribution": "rademacher"}
 
 
-@pytest.mark.parametrize("name, trainable, samples, sampler", [
+REBUILD_CASES = [  # (method, trainable set, zo.samples, zo sampler knobs)
     ("job", "full", 1, {}), ("fedkseed", "full", 1, {}), ("fedkseed-pro", "full", 1, {}),
     ("fedkseed", "lora", 1, {}), ("fwdllm", "lora", 1, {}), ("job", "prefix", 2, {}),
     ("fedkseed", "bitfit", 3, {}), ("fedkseed", "full", 1, PHILOX_RADEMACHER),
     ("job", "full", 1, PHILOX_RADEMACHER), ("fedkseed", "lora", 2, {"generator": "philox"}),
     ("fedkseed", "full", 1, {"lr_decay_rounds": 2}), ("fwdllm", "lora", 1, {"lr_decay_rounds": 1}),
-])
-def test_rebuild_in_a_fresh_process_is_bit_identical(tiny_model_dir, sst2_prompts, tmp_path, name,
-                                                     trainable, samples, sampler):
-    cfg, method, model, _, state, _ = run(tiny_model_dir, make_clients(sst2_prompts), name,
-                                          rounds=3, tmp=tmp_path, trainable=trainable,
-                                          zo={"K": 64, "lr": 1e-4, "samples": samples, **sampler})
-    method.export(model, state, tmp_path / "out")  # syncs the shared model to the final round
-    in_process = weights_hash(method.params)
-    proc = subprocess.run(
-        [sys.executable, "-m", "tests.rebuild_from_checkpoint", str(tiny_model_dir),
-         cfg.model_dump_json(), str(tmp_path / "global.safetensors")],
-        cwd=REPO, capture_output=True, text=True)
+]
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tiny_model_dir, sst2_prompts, tmp_path_factory) -> list[tuple[str, str, str]]:
+    """Per REBUILD_CASES entry: (hash of the trained weights in this process, hash of the
+    same weights rebuilt by a fresh process from base weights + exchanged dictionary, hash of
+    the untrained weights). One fresh process rebuilds every case."""
+    cases, hashes = [], []
+    for i, (name, trainable, samples, sampler) in enumerate(REBUILD_CASES):
+        tmp = tmp_path_factory.mktemp(f"rebuild{i}")
+        cfg, method, model, _, state, _ = run(tiny_model_dir, make_clients(sst2_prompts), name,
+                                              rounds=3, tmp=tmp, trainable=trainable,
+                                              zo={"K": 64, "lr": 1e-4, "samples": samples, **sampler})
+        method.export(model, state, tmp / "out")  # syncs the shared model to the final round
+        in_process = weights_hash(method.params)
+        torch.manual_seed(cfg.seed)
+        fresh = method.prepare_model(load_hf(tiny_model_dir)[0])
+        hashes.append((in_process, weights_hash([p for p in fresh.parameters() if p.requires_grad])))
+        cases.append([cfg.model_dump_json(), str(tmp / "global.safetensors")])
+    listing = tmp_path_factory.mktemp("cases") / "cases.json"
+    listing.write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "-m", "tests.rebuild_from_checkpoint", str(tiny_model_dir), str(listing)],
+                          cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == in_process
-    # and the weights did move
-    torch.manual_seed(cfg.seed)
-    fresh = method.prepare_model(load_hf(tiny_model_dir)[0])
-    assert in_process != weights_hash([p for p in fresh.parameters() if p.requires_grad])
+    replayed = proc.stdout.strip().splitlines()[-len(cases):]
+    return [(ours, theirs, untrained) for (ours, untrained), theirs in zip(hashes, replayed, strict=True)]
+
+
+@pytest.mark.parametrize("case", range(len(REBUILD_CASES)),
+                         ids=["-".join(map(str, (n, t, s, *x.values()))) for n, t, s, x in REBUILD_CASES])
+def test_rebuild_in_a_fresh_process_is_bit_identical(rebuilt, case):
+    in_process, fresh_process, untrained = rebuilt[case]
+    assert fresh_process == in_process
+    assert in_process != untrained  # and the weights did move
 
 
 def test_only_seeds_and_scalars_travel(tiny_model_dir, sst2_prompts):
