@@ -149,9 +149,21 @@ def dir_size_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+LOAD_ONLY_KWARGS = ("local_files_only",)  # how a tokenizer was loaded, not what it is
+
+
+def save_tokenizer(tok, out: Path) -> None:
+    """tok.save_pretrained(out), without the options it was loaded with: transformers writes
+    local_files_only (true under HF_HUB_OFFLINE) into tokenizer_config.json, so the same model
+    saved offline and online differed by a byte and DVC saw a new output."""
+    for key in LOAD_ONLY_KWARGS:
+        tok.init_kwargs.pop(key, None)
+    tok.save_pretrained(out)
+
+
 def save_hf(model, tok, out: Path) -> None:
     model.save_pretrained(out)
-    tok.save_pretrained(out)
+    save_tokenizer(tok, out)
 
 
 ADAPTER_BASE = "base"  # an adapter folder's own copy of its base model (prefix / prompt tuning)

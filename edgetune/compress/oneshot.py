@@ -74,6 +74,8 @@ def run_oneshot(src: Path, dst: Path, modifier, ctx, calibrate: bool = True) -> 
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgetune.models import save_tokenizer
+
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(src)
     kwargs = {}
@@ -83,7 +85,7 @@ def run_oneshot(src: Path, dst: Path, modifier, ctx, calibrate: bool = True) -> 
                       max_seq_length=len(data[0]["input_ids"]), shuffle_calibration_samples=False)
     oneshot(model=model, recipe=[modifier], **kwargs)
     model.save_pretrained(dst, save_compressed=True)
-    tok.save_pretrained(dst)
+    save_tokenizer(tok, dst)
 
 
 def gptq(src: Path, dst: Path, step, ctx) -> dict:

@@ -13,9 +13,11 @@ def int8_weight_only(src: Path, dst: Path, step, ctx=None) -> dict:
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TorchAoConfig
 
+    from edgetune.models import save_tokenizer
+
     model = AutoModelForCausalLM.from_pretrained(
         src, dtype=torch.float32, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())
     )
     model.save_pretrained(dst)
-    AutoTokenizer.from_pretrained(src).save_pretrained(dst)
+    save_tokenizer(AutoTokenizer.from_pretrained(src), dst)
     return {"bits": 8}

@@ -96,7 +96,7 @@ def save_model(model, tok, out_dir) -> None:
 
     from peft import PeftModel
 
-    from edgetune.models import ADAPTER_BASE
+    from edgetune.models import ADAPTER_BASE, save_tokenizer
 
     out_dir = Path(out_dir)
     if isinstance(model, PeftModel) and model.peft_config["default"].peft_type.value != "LORA":
@@ -106,4 +106,4 @@ def save_model(model, tok, out_dir) -> None:
     elif isinstance(model, PeftModel):
         model = model.merge_and_unload()
     model.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
+    save_tokenizer(tok, out_dir)
