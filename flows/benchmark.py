@@ -164,7 +164,8 @@ def build_flow(concurrency: int):
         mlflow = tracking.configure(grid.experiment)  # create the store once, before cells race to
         if concurrency > 1:  # cells share the cores: idle OpenMP threads sleep, not spin on the others'
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (two 2-thread runs on 2 cores: 63 -> 28 s)
-        prefect_api = str(get_client(sync_client=True).api_url).rstrip("/")  # PREFECT_API_URL's or a temporary one
+        with get_client(sync_client=True) as client:  # PREFECT_API_URL's server, or this flow's temporary one
+            prefect_api = str(client.api_url).rstrip("/")
         futures = {}
         for label, params in cells.items():
             folder = out / "cells" / label
