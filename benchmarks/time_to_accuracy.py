@@ -138,7 +138,13 @@ def recorded_cases(path: Path, zero_shot: float, args) -> dict:
             if label not in ("zero_shot", "at_equal_minutes") and label not in args.methods}
 
 
-def plot(results: dict, zero_shot: float, out: Path) -> None:
+def standard_error(accuracy: float, n: int) -> float:
+    """One binomial standard error of an accuracy scored on n examples: how far a score moves
+    by chance, drawn as a band around zero-shot so a curve's gain can be read against it."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5
+
+
+def plot(results: dict, zero_shot: float, n_eval: int, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,6 +161,9 @@ def plot(results: dict, zero_shot: float, out: Path) -> None:
             colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
             ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
         ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
+        se = standard_error(zero_shot, n_eval)
+        ax.axhspan(zero_shot - se, zero_shot + se, color="grey", alpha=0.15, lw=0,
+                   label=f"zero-shot ± 1 standard error ({n_eval} rows)")
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
         ax.grid(alpha=0.3)
@@ -213,8 +222,10 @@ def main(argv=None) -> None:
     table = {label: {f"{m:g} min": accuracy_within(r["curve"], m) for m in budgets} for label, r in results.items()}
     png = RESULTS / f"{args.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, zero_shot, png)
-    out = save(args.name, {"zero_shot": {"accuracy": zero_shot}, **results, "at_equal_minutes": table},
+    n_eval = len(score.prompts)
+    plot(results, zero_shot, n_eval, png)
+    zero = {"accuracy": zero_shot, "standard_error": standard_error(zero_shot, n_eval)}
+    out = save(args.name, {"zero_shot": zero, **results, "at_equal_minutes": table},
                {"model": score.path, "task": args.task, "eval_examples": len(score.prompts), "rounds": args.rounds,
                 "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(results),
                 "local_steps": args.local_steps or params.finetune.local_steps,

@@ -159,6 +159,8 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert curve[0]["train_seconds"] < curve[1]["train_seconds"] < curve[2]["train_seconds"]
     assert (tmp_path / "results" / "tta_test.png").stat().st_size > 10_000
     assert set(record["results"]["at_equal_minutes"]["fedkseed"]) >= {"5 min", "30 min", "90 min"}
+    zero = record["results"]["zero_shot"]  # the noise a reader weighs gains against: 32 dev rows
+    assert zero["standard_error"] == pytest.approx((zero["accuracy"] * (1 - zero["accuracy"]) / 32) ** 0.5)
 
     # A fresh clone has the committed JSON but no cache: --merge adds a case and keeps the rest.
     shutil.rmtree(tmp_path / "cache")
