@@ -153,6 +153,7 @@ def plot(results: dict, zero_shot: float, n_eval: int, out: Path) -> None:
     axes_of = [("train_seconds", "training minutes", 1 / 60, "linear"),
                ("client_steps", "client steps", 1, "linear"), ("megabytes", "MB exchanged", 1, "log")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
+    se = standard_error(zero_shot, n_eval)
     for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
         for i, (label, case) in enumerate(results.items()):
             pts = case["curve"]
@@ -161,7 +162,6 @@ def plot(results: dict, zero_shot: float, n_eval: int, out: Path) -> None:
             colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
             ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
         ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
-        se = standard_error(zero_shot, n_eval)
         ax.axhspan(zero_shot - se, zero_shot + se, color="grey", alpha=0.15, lw=0,
                    label=f"zero-shot ± 1 standard error ({n_eval} rows)")
         ax.set_xlabel(xlabel)
@@ -226,7 +226,7 @@ def main(argv=None) -> None:
     plot(results, zero_shot, n_eval, png)
     zero = {"accuracy": zero_shot, "standard_error": standard_error(zero_shot, n_eval)}
     out = save(args.name, {"zero_shot": zero, **results, "at_equal_minutes": table},
-               {"model": score.path, "task": args.task, "eval_examples": len(score.prompts), "rounds": args.rounds,
+               {"model": score.path, "task": args.task, "eval_examples": n_eval, "rounds": args.rounds,
                 "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(results),
                 "local_steps": args.local_steps or params.finetune.local_steps,
                 "overrides": " ".join(r["overrides"] for r in results.values() if r["overrides"])},
