@@ -118,6 +118,20 @@ def real_batch(tok, mirror: str | None, batch_size: int, seq_len: int):
             torch.tensor(list(ds["label"])))
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """One binomial standard error of an accuracy scored on n examples: how far a score moves
+    by chance, drawn as a band around zero-shot so a curve's gain can be read against it."""
+    return (accuracy * (1 - accuracy) / n) ** 0.5
+
+
+def draw_zero_shot(ax, zero_shot: float, n_eval: int) -> None:
+    """The base model's score on a curve plot: a dashed line and a band of ± 1 standard error."""
+    se = standard_error(zero_shot, n_eval)
+    ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
+    ax.axhspan(zero_shot - se, zero_shot + se, color="grey", alpha=0.15, lw=0,
+               label=f"zero-shot ± 1 standard error ({n_eval} rows)")
+
+
 def save(name: str, results: dict, params: dict, children: dict[str, dict] | None = None,
          artifacts: list[Path] = ()) -> Path:
     """Write benchmarks/results/<name>.json and log the same numbers to MLflow; `children`

@@ -89,11 +89,13 @@ def summary(points: list[dict], zero_shot: float) -> dict:
     return out
 
 
-def plot(results: dict, zero_shot: float, k: int, out: Path) -> None:
+def plot(results: dict, zero_shot: float, n_eval: int, k: int, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from benchmarks.common import draw_zero_shot
 
     fig, ax = plt.subplots(figsize=(8, 4.2))
     for label, case in results.items():
@@ -102,7 +104,7 @@ def plot(results: dict, zero_shot: float, k: int, out: Path) -> None:
                         marker="o", ms=3, label=f"{label}: last round's model")
         ax.plot([p["client_steps"] for p in case["curve"]], [p["averaged_accuracy"] for p in case["curve"]],
                 color=line.get_color(), marker="s", ms=6, label=f"{label}: mean of last {k} rounds' models")
-    ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
+    draw_zero_shot(ax, zero_shot, n_eval)
     ax.axhline(zero_shot + 0.05, color="grey", ls=":", lw=1, label="zero-shot + 5 points")
     ax.set_xlabel("client steps")
     ax.set_ylabel("dev accuracy")
@@ -112,6 +114,21 @@ def plot(results: dict, zero_shot: float, k: int, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def replot(name: str) -> Path | None:
+    """Redraw results/<name>_average.png from its JSON (None when there is no JSON)."""
+    from benchmarks.common import RESULTS
+
+    source = RESULTS / f"{name}_average.json"
+    if not source.is_file():
+        return None
+    record = json.loads(source.read_text())
+    cases = {k: v for k, v in record["results"].items() if k != "zero_shot"}
+    out = source.with_suffix(".png")
+    plot(cases, record["results"]["zero_shot"]["accuracy"], record["params"]["eval_examples"],
+         record["params"]["average_rounds"], out)
+    return out
 
 
 def main(argv=None) -> None:
@@ -124,9 +141,17 @@ def main(argv=None) -> None:
     p.add_argument("--average", type=int, default=50, help="k: rounds whose global models are averaged")
     p.add_argument("--from", dest="start", type=int, default=100, help="first scored round to average at")
     p.add_argument("--every", type=int, default=20, help="rounds between two averaged scorings")
+    p.add_argument("--replot", action="store_true",
+                   help="train and score nothing: redraw results/<name>_average.png from its JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        out = replot(args.name)
+        if out is None:
+            p.error(f"--replot: results/{args.name}_average.json not found")  # exit code 2
+        print(out)
+        return
 
-    from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save
+    from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save, standard_error
 
     score = DevScorer(args)
     params, zero_shot = score.params, score.zero_shot
@@ -140,10 +165,12 @@ def main(argv=None) -> None:
     name = f"{args.name}_average"
     png = RESULTS / f"{name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plot(results, zero_shot, args.average, png)
-    out = save(name, {"zero_shot": {"accuracy": zero_shot}, **results},
+    n_eval = len(score.prompts)
+    plot(results, zero_shot, n_eval, args.average, png)
+    zero = {"accuracy": zero_shot, "standard_error": standard_error(zero_shot, n_eval)}
+    out = save(name, {"zero_shot": zero, **results},
                {"tta_name": args.name, "average_rounds": args.average, "from_round": args.start,
-                "every": args.every, "eval_examples": len(score.prompts), "methods": ",".join(args.methods),
+                "every": args.every, "eval_examples": n_eval, "methods": ",".join(args.methods),
                 "overrides": " ".join(args.set)}, artifacts=[png])
     print(json.dumps({label: {k: v for k, v in r.items() if "curve" not in k} for label, r in results.items()},
                      indent=1))

@@ -138,32 +138,27 @@ def recorded_cases(path: Path, zero_shot: float, args) -> dict:
             if label not in ("zero_shot", "at_equal_minutes") and label not in args.methods}
 
 
-def standard_error(accuracy: float, n: int) -> float:
-    """One binomial standard error of an accuracy scored on n examples: how far a score moves
-    by chance, drawn as a band around zero-shot so a curve's gain can be read against it."""
-    return (accuracy * (1 - accuracy) / n) ** 0.5
-
-
-def plot(results: dict, zero_shot: float, n_eval: int, out: Path) -> None:
+def plot(results: dict, zero_shot: float, n_eval: int, out: Path, max_steps: int | None = None) -> None:
+    """Accuracy against training minutes, client steps and MB, one line per case (points up to
+    `max_steps` client steps, when given), over zero-shot and its standard-error band."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from benchmarks.common import draw_zero_shot
+
     axes_of = [("train_seconds", "training minutes", 1 / 60, "linear"),
                ("client_steps", "client steps", 1, "linear"), ("megabytes", "MB exchanged", 1, "log")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    se = standard_error(zero_shot, n_eval)
     for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
         for i, (label, case) in enumerate(results.items()):
-            pts = case["curve"]
+            pts = [p for p in case["curve"] if max_steps is None or p["client_steps"] <= max_steps]
             start = [] if xscale == "log" else [(0.0, zero_shot)]  # every case starts at the base model
             xy = start + [(p[key] * scale, p["accuracy"]) for p in pts]
             colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
             ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
-        ax.axhline(zero_shot, color="grey", ls="--", lw=1, label="zero-shot")
-        ax.axhspan(zero_shot - se, zero_shot + se, color="grey", alpha=0.15, lw=0,
-                   label=f"zero-shot ± 1 standard error ({n_eval} rows)")
+        draw_zero_shot(ax, zero_shot, n_eval)
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
         ax.grid(alpha=0.3)
@@ -173,6 +168,25 @@ def plot(results: dict, zero_shot: float, n_eval: int, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def replot(args) -> Path:
+    """--replot: draw the --methods cases of results/<name>.json (up to --max-steps client
+    steps) into results/<replot>.png, training and scoring nothing."""
+    from benchmarks.common import RESULTS
+
+    source = RESULTS / f"{args.name}.json"
+    if not source.is_file():
+        raise ValueError(f"--replot: {source} not found; run the cases with --name {args.name} first")
+    record = json.loads(source.read_text())
+    cases = {k: v for k, v in record["results"].items() if k not in ("zero_shot", "at_equal_minutes")}
+    missing = [m for m in args.methods if m not in cases]
+    if missing:
+        raise ValueError(f"--replot: {source} has no case {', '.join(missing)}; it has {', '.join(cases)}")
+    out = RESULTS / f"{args.replot}.png"
+    plot({m: cases[m] for m in args.methods}, record["results"]["zero_shot"]["accuracy"],
+         record["params"]["eval_examples"], out, args.max_steps)
+    return out
 
 
 def main(argv=None) -> None:
@@ -187,9 +201,18 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="tta_sst2")
     p.add_argument("--merge", action="store_true",
                    help="keep the cases of an existing results/<name>.json that this call does not run")
+    p.add_argument("--replot", metavar="NAME", help="train nothing: draw the --methods cases of "
+                   "results/<name>.json into results/NAME.png")
+    p.add_argument("--max-steps", type=int, help="--replot: draw points up to this many client steps")
     args = p.parse_args(argv)
+    if args.replot:
+        try:
+            print(replot(args))
+        except ValueError as e:
+            p.error(str(e))  # exit code 2
+        return
 
-    from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save
+    from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save, standard_error
     from edgetune import tracking
 
     score = DevScorer(args)

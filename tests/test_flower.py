@@ -57,44 +57,37 @@ def same(a: dict, b: dict) -> bool:
 
 def assert_rounds_match(local: list[RoundLog], flower: list[RoundLog], tensors: int, job_bytes: int) -> None:
     for a, b in zip(local, flower, strict=True):
-        assert (a.round, a.clients, a.dropped, a.train_loss) == (b.round, b.clients, b.dropped, b.train_loss)
+        assert (a.round, a.clients, a.dropped, a.rejected, a.train_loss) == \
+            (b.round, b.clients, b.dropped, b.rejected, b.train_loss)
         assert (a.bytes_up_per_client, a.bytes_down_per_client) == (b.bytes_up_per_client, b.bytes_down_per_client)
         # Flower's own serialization of the same payloads, per message: the metered bytes plus
         # Flower's headers (message, records, a numpy header per tensor) and, going down, the job
-        # record (the finetune params as JSON); a dropped client received the broadcast too
-        overhead, sent = HEADERS[0] + HEADERS[1] * tensors, len(b.clients) + len(b.dropped)
-        assert 0 < b.extra["wire_bytes_up"] - len(b.clients) * b.bytes_up_per_client < len(b.clients) * overhead
+        # record (the finetune params as JSON); a dropped client received the broadcast too, and
+        # a rejected reply crossed the wire like the others
+        replied = len(b.clients) + len(b.rejected)
+        overhead, sent = HEADERS[0] + HEADERS[1] * tensors, replied + len(b.dropped)
+        assert 0 < b.extra["wire_bytes_up"] - replied * b.bytes_up_per_client < replied * overhead
         down = b.extra["wire_bytes_down"] - b.extra["bytes_catchup"]
         assert 0 < down - sent * b.bytes_down_per_client < sent * (overhead + job_bytes)
 
 
-def test_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
-    raw = finetune_params("fedkseed", rounds=3)
+def test_keyed_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
+    """FedKSeed-LoRA with keyed seeds and sealed messages: the ClientApps read the federation key
+    on their node; a node sampled after missed rounds catches up; one client alters its reply
+    after sealing it, and the ServerApp rejects that reply before aggregation (logged, its bytes
+    metered). Same clients, losses, bytes and final state as the local backend, bit for bit."""
+    key = tmp_path / "federation.key"
+    key.write_text("5e" * 32)
+    raw = {**finetune_params("fedkseed", rounds=3), "attack": {"fraction": 0.25, "kind": "tampered"}}
+    raw["zo"] = {**raw["zo"], "secret": f"file:{key}"}
     _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
     cfg = FinetuneParams(**raw, backend="flower")
     summary, flower, flower_state = run(tiny_model_dir, partitions, tmp_path / "flower", cfg)
     assert same(local_state, flower_state)  # bit-identical global state
+    assert [h.rejected for h in local] == [[], [0], [0]]  # the seeded attacker, whenever sampled
     assert_rounds_match(local, flower, len(local_state), len(cfg.model_dump_json()))
     assert summary["bytes_catchup_total"] > 0  # a client sampled after missed rounds got them
     assert (tmp_path / "flower" / "merged" / "config.json").is_file()
-
-
-def test_keyed_federation_rejects_tampered_replies_on_flower_as_on_the_local_backend(tiny_model_dir, partitions,
-                                                                                     tmp_path):
-    """Keyed seeds and sealed messages on Flower: the ClientApps read the federation key on
-    their node, one of them alters its reply after sealing it, and the ServerApp rejects that
-    reply before aggregation (logged, metered) and ends where the local backend ends, bit for bit."""
-    key = tmp_path / "federation.key"
-    key.write_text("5e" * 32)
-    raw = {**finetune_params("fedkseed", rounds=2), "sample_rate": 1.0,
-           "attack": {"fraction": 0.25, "kind": "tampered"}}
-    raw["zo"] = {**raw["zo"], "secret": f"file:{key}"}
-    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
-    _, flower, flower_state = run(tiny_model_dir, partitions, tmp_path / "flower",
-                                  FinetuneParams(**raw, backend="flower"))
-    assert [h.rejected for h in local] == [[0], [0]]  # the seeded attacker, every round
-    assert [(h.rejected, h.clients) for h in flower] == [(h.rejected, h.clients) for h in local]
-    assert same(local_state, flower_state)
 
 
 def test_loopback_processes_allow_late_heartbeats():

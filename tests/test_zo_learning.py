@@ -172,6 +172,14 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert set(merged["results"]["at_equal_minutes"]) == {"fedkseed", "job"}
     assert "fedkseed:trainable=lora" in merged["params"]["overrides"]
 
+    # --replot draws chosen cases of the JSON, training nothing; an unknown case is exit 2
+    time_to_accuracy.main(["--name", "tta_test", "--replot", "tta_job", "--methods", "job"])
+    assert (tmp_path / "results" / "tta_job.png").stat().st_size > 10_000
+    assert json.loads((tmp_path / "results" / "tta_test.json").read_text()) == merged
+    with pytest.raises(SystemExit) as bad:
+        time_to_accuracy.main(["--name", "tta_test", "--replot", "x", "--methods", "mezo"])
+    assert bad.value.code == 2 and "has no case mezo; it has fedkseed, job" in capsys.readouterr().err
+
 
 def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model_dir, sst2_prompts, tmp_path,
                                                                        monkeypatch, capsys):
@@ -192,11 +200,18 @@ def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model
     stamp = saved.stat().st_mtime_ns
     tail_average.main([*common, "--average", "2", "--from", "2", "--every", "5"])
     assert saved.stat().st_mtime_ns == stamp and len(list(saved.parent.glob("round-*.pt"))) == 1
-    record = json.loads((tmp_path / "results" / "tta_test_average.json").read_text())["results"]["fk"]
+    average = json.loads((tmp_path / "results" / "tta_test_average.json").read_text())["results"]
+    record, zero = average["fk"], average["zero_shot"]
+    assert zero["standard_error"] == pytest.approx((zero["accuracy"] * (1 - zero["accuracy"]) / 32) ** 0.5)
     curve = json.loads((tmp_path / "results" / "tta_test.json").read_text())["results"]["fk"]["curve"]
     assert [p["round"] for p in record["curve"]] == [2, 3]  # from 2, and always the last
     assert [p["last_accuracy"] for p in record["curve"]] == [p["accuracy"] for p in curve[1:]]
-    assert (tmp_path / "results" / "tta_test_average.png").stat().st_size > 10_000
+    png = tmp_path / "results" / "tta_test_average.png"
+    assert png.stat().st_size > 10_000
+    png.unlink()
+    capsys.readouterr()
+    tail_average.main(["--name", "tta_test", "--replot"])  # redrawn from the JSON, nothing scored
+    assert png.stat().st_size > 10_000 and "zero-shot" not in capsys.readouterr().err
     other = [a if a != "fk:zo.lr=1e-2" else "fk:zo.lr=1e-3" for a in common]
     with pytest.raises(SystemExit, match="trained under another config"):
         tail_average.main([*other, "--average", "2"])
