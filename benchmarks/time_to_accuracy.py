@@ -15,6 +15,7 @@ larger --minutes or --rounds, goes on from the last round with the curve so far;
 already used its budget is not trained again (add cases to a finished command and re-run it).
 Where that cache is gone (a fresh clone), `--merge` adds this call's cases to the committed
 <name>.json and keeps the curves recorded there for the cases it does not run.
+`--replot NAME` trains nothing: it draws chosen cases of <name>.json into results/NAME.png.
 
     python -m benchmarks.time_to_accuracy --rounds 100 --local-steps 5 --eval-every 5 \
         --minutes 30 --name tta_sst2 --methods fedit fedkseed fedkseed-lora job mezo \
