@@ -49,7 +49,8 @@ def case_arguments(p, methods: list[str]) -> None:
 class DevScorer:
     """What the time-to-accuracy style benchmarks share: the params, the model folder, the task,
     the partition stage's clients and a scorer of a model's accuracy on the dev split (the
-    first --max-eval rows), with the base model's zero-shot accuracy measured once."""
+    first --max-eval rows), with the base model's zero-shot metrics measured once and the
+    rate of always answering the most frequent gold label (what a label bias alone scores)."""
 
     def __init__(self, args):
         import pandas as pd
@@ -67,12 +68,19 @@ class DevScorer:
         self.prompts, self.gold = frame["prompt"].tolist(), frame["label"].astype(int).tolist()
         base, self.tok = load_hf(self.path)
         self.ids = label_token_ids(self.tok, self.task.label_words)
-        self.zero_shot = self(base, "zero-shot")
+        self.zero_shot_metrics = self.metrics(base, "zero-shot")
+        self.zero_shot = self.zero_shot_metrics["accuracy"]
+        self.majority_rate = max(self.gold.count(c) for c in set(self.gold)) / len(self.gold)
 
     def __call__(self, model, what: str) -> float:
-        from edgetune.scoring import accuracy
+        return self.metrics(model, what)["accuracy"]
 
-        return accuracy(model, self.tok, self.prompts, self.gold, self.ids, 16, 128, what)
+    def metrics(self, model, what: str) -> dict[str, float]:
+        """accuracy, macro-F1 and the share of each predicted label (scoring.classification_metrics)."""
+        from edgetune.scoring import classification_metrics, predict
+
+        predictions = predict(model, self.tok, self.prompts, self.ids, 16, 128, what)
+        return classification_metrics(predictions, self.gold, self.task.label_words)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, dict]:

@@ -5,9 +5,10 @@ method asks).
 Every case runs through the real engine on the partition stage's clients; every `--eval-every`
 rounds the global model is scored on the dev split (the scoring is not counted as training
 time). Each point is logged to MLflow as step-indexed metrics of the case's child run
-(dev_accuracy, train_seconds, client_steps, megabytes: in the UI, pick train_seconds or
-megabytes as a chart's x-axis), written to benchmarks/results/<name>.json, and drawn in
-<name>.png (accuracy vs minutes, vs client steps, vs MB).
+(dev_accuracy, dev_macro_f1, dev_predicted_share_<label>, train_seconds, client_steps,
+megabytes: in the UI, pick train_seconds or megabytes as a chart's x-axis), written to
+benchmarks/results/<name>.json, and drawn in <name>.png (accuracy vs minutes, vs client
+steps, vs MB, over zero-shot and the rate of always answering the majority label).
 
 Long budgets resume: each case saves every round in benchmarks/.cache/tta/<name>/<label>
 (federated/resume.py, keyed by the case's config), so a killed run, or a second run with a
@@ -15,7 +16,8 @@ larger --minutes or --rounds, goes on from the last round with the curve so far;
 already used its budget is not trained again (add cases to a finished command and re-run it).
 Where that cache is gone (a fresh clone), `--merge` adds this call's cases to the committed
 <name>.json and keeps the curves recorded there for the cases it does not run.
-`--replot NAME` trains nothing: it draws chosen cases of <name>.json into results/NAME.png.
+`--replot NAME` trains nothing: it draws <name>.json's cases (or the --methods ones) into
+results/NAME.png.
 
     python -m benchmarks.time_to_accuracy --rounds 100 --local-steps 5 --eval-every 5 \
         --minutes 30 --name tta_sst2 --methods fedit fedkseed fedkseed-lora job mezo \
@@ -28,6 +30,9 @@ import argparse
 import json
 import time
 from pathlib import Path
+
+
+DEFAULT_CASES = ["fedit", "fedkseed", "job", "mezo"]
 
 
 class OutOfTime(Exception):
@@ -48,8 +53,9 @@ class Curve:
         self.steps += len(log.clients) * steps_per_client
         self.bytes += log.bytes_exchanged
 
-    def record(self, rnd: int, accuracy: float, train_loss: float) -> dict:
-        point = {"round": rnd, "accuracy": accuracy, "train_seconds": self.seconds,
+    def record(self, rnd: int, metrics: dict[str, float], train_loss: float) -> dict:
+        """One scoring: DevScorer.metrics (accuracy, macro-F1, predicted label shares) and totals."""
+        point = {"round": rnd, **metrics, "train_seconds": self.seconds,
                  "client_steps": int(self.steps), "megabytes": self.bytes / 1e6, "train_loss": train_loss}
         self.points = [p for p in self.points if p["round"] < rnd] + [point]
         self.file.parent.mkdir(parents=True, exist_ok=True)
@@ -58,8 +64,10 @@ class Curve:
 
 
 def log_point(mlflow, point: dict) -> None:
+    shares = {f"dev_{k}": v for k, v in point.items() if k.startswith("predicted_share_")}
     mlflow.log_metrics({"dev_accuracy": point["accuracy"], "train_seconds": point["train_seconds"],
-                        "client_steps": point["client_steps"], "megabytes": point["megabytes"]},
+                        "client_steps": point["client_steps"], "megabytes": point["megabytes"],
+                        **({"dev_macro_f1": point["macro_f1"]} if "macro_f1" in point else {}), **shares},
                        step=point["round"])
 
 
@@ -108,9 +116,10 @@ def run_case(label, cfg, score, args, mlflow) -> list[dict]:
         out_of_time = curve.seconds >= args.minutes * 60 and rnd < cfg.num_rounds
         if rnd % args.eval_every == 0 or rnd == cfg.num_rounds or out_of_time:
             method.apply_global(model, state)
-            point = curve.record(rnd, score(model, f"{label} round {rnd}"), losses[rnd])
+            point = curve.record(rnd, score.metrics(model, f"{label} round {rnd}"), losses[rnd])
             log_point(mlflow, point)
-            print(f"{label} round {rnd}: accuracy {point['accuracy']:.4f} after "
+            print(f"{label} round {rnd}: accuracy {point['accuracy']:.4f} (macro-F1 "
+                  f"{point['macro_f1']:.4f}) after "
                   f"{point['train_seconds'] / 60:.1f} min, {point['client_steps']} client steps, "
                   f"{point['megabytes']:.2f} MB", flush=True)
         if out_of_time:
@@ -139,9 +148,11 @@ def recorded_cases(path: Path, zero_shot: float, args) -> dict:
             if label not in ("zero_shot", "at_equal_minutes") and label not in args.methods}
 
 
-def plot(results: dict, zero_shot: float, n_eval: int, out: Path, max_steps: int | None = None) -> None:
+def plot(results: dict, zero_shot: float, n_eval: int, out: Path, max_steps: int | None = None,
+         majority: float | None = None) -> None:
     """Accuracy against training minutes, client steps and MB, one line per case (points up to
-    `max_steps` client steps, when given), over zero-shot and its standard-error band."""
+    `max_steps` client steps, when given), over zero-shot, its standard-error band and the
+    majority-label rate (when known: what always answering one label scores)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,6 +171,8 @@ def plot(results: dict, zero_shot: float, n_eval: int, out: Path, max_steps: int
             colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
             ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
         draw_zero_shot(ax, zero_shot, n_eval)
+        if majority is not None:
+            ax.axhline(majority, color="black", ls=":", lw=1, label="always the majority label")
         ax.set_xlabel(xlabel)
         ax.set_xscale(xscale)
         ax.grid(alpha=0.3)
@@ -172,8 +185,9 @@ def plot(results: dict, zero_shot: float, n_eval: int, out: Path, max_steps: int
 
 
 def replot(args) -> Path:
-    """--replot: draw the --methods cases of results/<name>.json (up to --max-steps client
-    steps) into results/<replot>.png, training and scoring nothing."""
+    """--replot: draw the --methods cases of results/<name>.json (all of them without
+    --methods; up to --max-steps client steps) into results/<replot>.png, training and
+    scoring nothing."""
     from benchmarks.common import RESULTS
 
     source = RESULTS / f"{args.name}.json"
@@ -181,12 +195,14 @@ def replot(args) -> Path:
         raise ValueError(f"--replot: {source} not found; run the cases with --name {args.name} first")
     record = json.loads(source.read_text())
     cases = {k: v for k, v in record["results"].items() if k not in ("zero_shot", "at_equal_minutes")}
-    missing = [m for m in args.methods if m not in cases]
+    chosen = args.methods or list(cases)
+    missing = [m for m in chosen if m not in cases]
     if missing:
         raise ValueError(f"--replot: {source} has no case {', '.join(missing)}; it has {', '.join(cases)}")
     out = RESULTS / f"{args.replot}.png"
-    plot({m: cases[m] for m in args.methods}, record["results"]["zero_shot"]["accuracy"],
-         record["params"]["eval_examples"], out, args.max_steps)
+    zero = record["results"]["zero_shot"]
+    plot({m: cases[m] for m in chosen}, zero["accuracy"], record["params"]["eval_examples"], out,
+         args.max_steps, zero.get("majority_label_rate"))
     return out
 
 
@@ -194,7 +210,8 @@ def main(argv=None) -> None:
     from benchmarks.common import case_arguments
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    case_arguments(p, ["fedit", "fedkseed", "job", "mezo"])
+    case_arguments(p, DEFAULT_CASES)
+    p.set_defaults(methods=None)  # --replot draws every recorded case unless --methods names some
     p.add_argument("--rounds", type=int, default=100, help="most rounds per case")
     p.add_argument("--minutes", type=float, default=30.0, help="training minutes per case (scoring excluded)")
     p.add_argument("--eval-every", type=int, default=5, help="rounds between two scorings")
@@ -202,8 +219,8 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="tta_sst2")
     p.add_argument("--merge", action="store_true",
                    help="keep the cases of an existing results/<name>.json that this call does not run")
-    p.add_argument("--replot", metavar="NAME", help="train nothing: draw the --methods cases of "
-                   "results/<name>.json into results/NAME.png")
+    p.add_argument("--replot", metavar="NAME", help="train nothing: draw the cases of results/<name>.json "
+                   "(all, or the --methods ones) into results/NAME.png")
     p.add_argument("--max-steps", type=int, help="--replot: draw points up to this many client steps")
     args = p.parse_args(argv)
     if args.replot:
@@ -216,6 +233,7 @@ def main(argv=None) -> None:
     from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save, standard_error
     from edgetune import tracking
 
+    args.methods = args.methods or DEFAULT_CASES
     score = DevScorer(args)
     params, zero_shot = score.params, score.zero_shot
     kept = recorded_cases(RESULTS / f"{args.name}.json", zero_shot, args) if args.merge else {}
@@ -235,6 +253,7 @@ def main(argv=None) -> None:
             results[label] = {
                 "method": cfg.method, "trainable": cfg.trainable_set, "curve": points,
                 "final_accuracy": points[-1]["accuracy"], "best_accuracy": max(p["accuracy"] for p in points),
+                **({"final_macro_f1": points[-1]["macro_f1"]} if "macro_f1" in points[-1] else {}),
                 "gain_points": 100 * (points[-1]["accuracy"] - zero_shot),
                 "train_minutes": points[-1]["train_seconds"] / 60, "client_steps": points[-1]["client_steps"],
                 "megabytes": points[-1]["megabytes"], "wall_minutes_this_run": (time.perf_counter() - t0) / 60,
@@ -247,8 +266,9 @@ def main(argv=None) -> None:
     png = RESULTS / f"{args.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     n_eval = len(score.prompts)
-    plot(results, zero_shot, n_eval, png)
-    zero = {"accuracy": zero_shot, "standard_error": standard_error(zero_shot, n_eval)}
+    plot(results, zero_shot, n_eval, png, majority=score.majority_rate)
+    zero = {**score.zero_shot_metrics, "standard_error": standard_error(zero_shot, n_eval),
+            "majority_label_rate": score.majority_rate}
     out = save(args.name, {"zero_shot": zero, **results, "at_equal_minutes": table},
                {"model": score.path, "task": args.task, "eval_examples": n_eval, "rounds": args.rounds,
                 "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(results),

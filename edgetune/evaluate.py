@@ -59,9 +59,10 @@ def latency_ms_per_token(model, tok, prompt: str, new_tokens: int, repeats: int 
 
 def task_metrics(task, model, tok, frame, cfg: EvaluateParams, max_length: int,
                  name: str) -> dict[str, float]:
-    """The task's own metrics on `frame`: accuracy (label-word logits) for classification;
-    greedy answers scored by the task's metric (EM / F1, ROUGE-L) for generation. `score` repeats
-    the task's primary metric, so runs of different tasks sort on one column."""
+    """The task's own metrics on `frame`: for classification, accuracy, macro-F1 and the share
+    of each predicted label (label-word logits); for generation, greedy answers scored by the
+    task's metric (EM / F1, ROUGE-L). `score` repeats the task's primary metric, so runs of
+    different tasks sort on one column."""
     from edgetune.tasks import GenerationTask
 
     prompts = frame["prompt"].tolist()
@@ -72,12 +73,12 @@ def task_metrics(task, model, tok, frame, cfg: EvaluateParams, max_length: int,
                                    progress=f"{name} answers", stop=task.stop)
         metrics = score(task.metric, answers, [list(a) for a in frame["answers"]])
     else:
-        from edgetune.scoring import accuracy, label_token_ids
+        from edgetune.scoring import classification_metrics, label_token_ids, predict
 
         label_ids = label_token_ids(tok, task.label_words)
-        metrics = {"accuracy": accuracy(model, tok, prompts, frame["label"].tolist(), label_ids,
-                                        batch_size=cfg.batch_size, max_length=max_length,
-                                        progress=f"{name} accuracy")}
+        predictions = predict(model, tok, prompts, label_ids, batch_size=cfg.batch_size,
+                              max_length=max_length, progress=f"{name} accuracy")
+        metrics = classification_metrics(predictions, frame["label"].tolist(), task.label_words)
     return {**metrics, "score": metrics[task.primary_metric]}
 
 

@@ -46,23 +46,51 @@ def classification_loss(model, batch, labels: torch.Tensor, label_ids: torch.Ten
 
 
 @torch.no_grad()
-def accuracy(model, tok, prompts: list[str], labels: list[int], label_ids: torch.Tensor,
-             batch_size: int = 16, max_length: int = 128, progress: str | None = None) -> float:
-    """Share of prompts whose argmax label word is the gold label. Batches hold prompts of
-    similar length (sorted by token count, as HF's group_by_length), so little compute goes to
-    padding; each prompt's prediction does not depend on its batch."""
+def predict(model, tok, prompts: list[str], label_ids: torch.Tensor, batch_size: int = 16,
+            max_length: int = 128, progress: str | None = None) -> list[int]:
+    """Index of the argmax label word after each prompt, in `prompts`' order. Batches hold
+    prompts of similar length (sorted by token count, as HF's group_by_length), so little
+    compute goes to padding; each prompt's prediction does not depend on its batch."""
     from tqdm.auto import tqdm
 
     model.eval()
     order = by_length(tok, prompts)
-    correct = 0
-    steps = range(0, len(prompts), batch_size)
-    for start in tqdm(steps, desc=progress, disable=progress is None, leave=False):
+    predictions = [0] * len(prompts)
+    for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None,
+                      leave=False):
         idx = order[start:start + batch_size]
         batch = encode(tok, [prompts[i] for i in idx], max_length)
-        pred = label_logits(model, batch, label_ids).argmax(-1)
-        correct += (pred == torch.tensor([labels[i] for i in idx])).sum().item()
-    return correct / max(len(prompts), 1)
+        for i, label in zip(idx, label_logits(model, batch, label_ids).argmax(-1).tolist()):
+            predictions[i] = label
+    return predictions
+
+
+def accuracy(model, tok, prompts: list[str], labels: list[int], label_ids: torch.Tensor,
+             batch_size: int = 16, max_length: int = 128, progress: str | None = None) -> float:
+    """Share of prompts whose argmax label word is the gold label."""
+    predictions = predict(model, tok, prompts, label_ids, batch_size, max_length, progress)
+    return sum(p == g for p, g in zip(predictions, labels)) / max(len(prompts), 1)
+
+
+def classification_metrics(predictions: list[int], labels: list[int],
+                           label_words: tuple[str, ...]) -> dict[str, float]:
+    """accuracy, macro-F1 (torchmetrics) and the share of prompts predicted as each label
+    (`predicted_share_<word>`): a model that answers one label for everything scores that
+    label's rate in accuracy, but its macro-F1 drops and one share nears 1, so a gain that is
+    only a moved label bias shows in the same table."""
+    from torchmetrics.functional.classification import multiclass_f1_score
+
+    pred, gold = torch.tensor(predictions), torch.tensor(labels)
+    n = len(label_words)
+    shares = torch.bincount(pred, minlength=n).double() / max(len(pred), 1)
+    return {"accuracy": (pred == gold).sum().item() / max(len(pred), 1),  # as accuracy() does
+            "macro_f1": multiclass_f1_score(pred, gold, num_classes=n, average="macro").item(),
+            **{f"predicted_share_{metric_word(w)}": shares[i].item() for i, w in enumerate(label_words)}}
+
+
+def metric_word(label_word: str) -> str:
+    """A label word as a metric-name suffix: ' Yes' -> 'yes'."""
+    return "".join(c for c in label_word.strip().lower() if c.isalnum() or c == "_") or "label"
 
 
 def by_length(tok, prompts: list[str]) -> list[int]:

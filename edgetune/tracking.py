@@ -355,6 +355,9 @@ def headline_metrics(folder: Path) -> dict[str, float]:
         "score_zero_shot": "evaluate.base.score",
         "score_finetuned": "evaluate.finetuned.score",
         "score_compressed": "evaluate.compressed.score",
+        "macro_f1_zero_shot": "evaluate.base.macro_f1",
+        "macro_f1_finetuned": "evaluate.finetuned.macro_f1",
+        "macro_f1_compressed": "evaluate.compressed.macro_f1",
         "peak_rss_mb_finetune": "finetune.peak_rss_mb",
         "bytes_per_client_round": "finetune.bytes_per_client_round",  # up + down, last round
         "size_mb_compressed": "evaluate.compressed.size_mb",

@@ -137,3 +137,24 @@ def test_pruned_widths_and_fewer_layers_export_and_run(tokenizer_dir, tmp_path, 
         if fmt == "gguf-f16":
             reference = logits
     assert all(np.corrcoef(a, b)[0, 1] > 0.9 for a, b in zip(reference, logits))
+
+
+def test_a_gguf_row_reports_the_torch_rows_classification_metrics(exported, sst2_prompts, tmp_path):
+    """score_isolated (the evaluate stage's GGUF row, in a process of its own) reports accuracy,
+    macro-F1 and the predicted label shares from llama.cpp's own predictions."""
+    import pandas as pd
+
+    from edgetune.config import EvaluateParams
+    from edgetune.scoring import classification_metrics
+
+    prompts, labels = sst2_prompts[0][:24], sst2_prompts[1][:24]
+    pd.DataFrame({"prompt": prompts, "label": labels}).to_parquet(tmp_path / "eval.parquet")
+    (tmp_path / "wikitext2_test.txt").write_text(" ".join(sst2_prompts[0][100:200]))
+    path = exported[0] / "gguf-f16" / "model.gguf"
+    cfg = EvaluateParams(ppl_windows=1, ppl_seq_len=64, latency_new_tokens=2)
+    row = llamacpp.score_isolated(str(path), str(tmp_path), "sst2", cfg, "gguf-f16")
+    llm = llamacpp.open_gguf(path, 256, 1)
+    predictions = llamacpp.label_predictions(llm, prompts, (" negative", " positive"), 128, "check")
+    expected = classification_metrics(predictions, labels, (" negative", " positive"))
+    assert {k: row[k] for k in expected} == expected
+    assert row["score"] == row["accuracy"] and row["eval_examples"] == 24 and row["peak_rss_mb"] > 0

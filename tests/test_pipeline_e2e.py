@@ -86,6 +86,10 @@ def test_metrics_are_real_and_models_reload(project):
         assert 1 < ev[name]["perplexity"] < 1000
         assert ev[name]["peak_rss_mb"] > 300
     assert ev["compressed"]["size_mb"] < 0.5 * ev["finetuned"]["size_mb"]
+    for name, row in ev.items():  # torch and exported rows alike say whether a model answers one label
+        if isinstance(row, dict) and "accuracy" in row:
+            assert 0 <= row["macro_f1"] <= 1, name
+            assert row["predicted_share_negative"] + row["predicted_share_positive"] == pytest.approx(1), name
     code = ("import sys; from transformers import AutoModelForCausalLM as M; "
             "[M.from_pretrained(p) for p in sys.argv[1:]]; print('ok')")
     rc, out = run([sys.executable, "-c", code, "models/finetuned/merged", "models/compressed"], root, env)

@@ -1,9 +1,10 @@
 """Label-word scoring: padding does not change a prompt's score; labels map to distinct tokens."""
 
+import pytest
 import torch
 
 from edgetune.models import load_hf
-from edgetune.scoring import accuracy, encode, label_logits, label_token_ids
+from edgetune.scoring import accuracy, classification_metrics, encode, label_logits, label_token_ids, predict
 from edgetune.tasks import get_task
 
 
@@ -33,3 +34,16 @@ def test_accuracy_matches_argmax(tiny_model_dir, sst2_prompts):
         pred = label_logits(model, encode(tok, prompts, 64), ids).argmax(-1)
     expected = (pred == torch.tensor(labels)).sum().item() / len(labels)
     assert abs(accuracy(model, tok, prompts, labels, ids, batch_size=7) - expected) < 1e-9
+    assert predict(model, tok, prompts, ids, batch_size=7) == pred.tolist()  # in the prompts' order
+
+
+def test_a_model_that_answers_one_label_shows_it_in_macro_f1_and_the_predicted_shares():
+    """Accuracy alone cannot tell a learned task from a moved label bias: always answering
+    'positive' on a 3:1 positive dev set scores 0.75, but macro-F1 is (0 + 6/7) / 2."""
+    gold = [1, 1, 1, 0] * 5
+    biased = classification_metrics([1] * 20, gold, (" negative", " positive"))
+    assert biased["accuracy"] == 0.75
+    assert biased["macro_f1"] == pytest.approx((0 + 2 * 0.75 / 1.75) / 2)
+    assert (biased["predicted_share_negative"], biased["predicted_share_positive"]) == (0.0, 1.0)
+    perfect = classification_metrics(gold, gold, (" Yes", " No"))
+    assert perfect["macro_f1"] == 1.0 and perfect["predicted_share_yes"] == 0.25

@@ -161,6 +161,11 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert set(record["results"]["at_equal_minutes"]["fedkseed"]) >= {"5 min", "30 min", "90 min"}
     zero = record["results"]["zero_shot"]  # the noise a reader weighs gains against: 32 dev rows
     assert zero["standard_error"] == pytest.approx((zero["accuracy"] * (1 - zero["accuracy"]) / 32) ** 0.5)
+    gold = sst2_prompts[1][300:332]
+    assert zero["majority_label_rate"] == max(gold.count(0), gold.count(1)) / 32
+    for point in [zero, *curve]:  # every scoring says whether the model just answers one label
+        assert point["predicted_share_negative"] + point["predicted_share_positive"] == pytest.approx(1)
+        assert 0 <= point["macro_f1"] <= 1
 
     # A fresh clone has the committed JSON but no cache: --merge adds a case and keeps the rest.
     shutil.rmtree(tmp_path / "cache")
@@ -176,6 +181,10 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     time_to_accuracy.main(["--name", "tta_test", "--replot", "tta_job", "--methods", "job"])
     assert (tmp_path / "results" / "tta_job.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "results" / "tta_test.json").read_text()) == merged
+    drawn = []
+    monkeypatch.setattr(time_to_accuracy, "plot", lambda cases, *a, **k: drawn.extend(cases))
+    time_to_accuracy.main(["--name", "tta_test", "--replot", "tta_all"])  # without --methods: every case
+    assert drawn == ["fedkseed", "job"]
     with pytest.raises(SystemExit) as bad:
         time_to_accuracy.main(["--name", "tta_test", "--replot", "x", "--methods", "mezo"])
     assert bad.value.code == 2 and "has no case mezo; it has fedkseed, job" in capsys.readouterr().err

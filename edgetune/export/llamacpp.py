@@ -59,15 +59,13 @@ def last_logits(llm, ids: list[int]) -> np.ndarray:
     return current_logits(llm)
 
 
-def label_accuracy(llm, prompts, labels, label_words, max_length: int, progress: str) -> float:
+def label_predictions(llm, prompts, label_words, max_length: int, progress: str) -> list[int]:
+    """Index of the argmax label word after each prompt, as scoring.predict does with torch."""
     from tqdm.auto import tqdm
 
     label_ids = [tokens(llm, w)[0] for w in label_words]
-    correct = 0
-    for prompt, label in tqdm(list(zip(prompts, labels)), desc=progress, leave=False):
-        pred = int(np.argmax(last_logits(llm, tokens(llm, prompt, max_length))[label_ids]))
-        correct += pred == label
-    return correct / max(len(prompts), 1)
+    return [int(np.argmax(last_logits(llm, tokens(llm, prompt, max_length))[label_ids]))
+            for prompt in tqdm(prompts, desc=progress, leave=False)]
 
 
 def greedy(llm, ids: list[int], new_tokens: int, stop_ids: set[int] = frozenset()) -> list[int]:
@@ -136,7 +134,8 @@ def speed(llm, prompt_ids: list[int], window: list[int], new_tokens: int, repeat
 def score_gguf(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, name: str, threads: int,
                max_length: int = 128) -> dict[str, float]:
     """Every metric of one GGUF file (meant for its own process: see score_isolated). Torch is
-    not imported for classification tasks, so peak_rss_mb is llama.cpp's, Python's and pandas'."""
+    imported only after peak_rss_mb is read (classification metrics), so that peak is
+    llama.cpp's, Python's and pandas'."""
     import pandas as pd
 
     from edgetune.devices import peak_rss_mb, reset_peak_rss
@@ -156,15 +155,19 @@ def score_gguf(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, na
         answers = generated_answers(llm, prompts, task, 512, {llm.token_eos()}, f"{name} answers")
         metrics = score(task.metric, answers, [list(a) for a in frame["answers"]])
     else:
-        metrics = {"accuracy": label_accuracy(llm, prompts, frame["label"].tolist(), task.label_words,
-                                              max_length, f"{name} accuracy")}
+        predictions = label_predictions(llm, prompts, task.label_words, max_length, f"{name} accuracy")
     window = tokens(llm, text)[:cfg.ppl_seq_len]
     timing = speed(llm, tokens(llm, prompts[0], max_length), window, cfg.latency_new_tokens)
     del llm
     ppl = perplexity(Path(path), text, cfg.ppl_windows, cfg.ppl_seq_len, threads)
+    peak = peak_rss_mb()
+    if not isinstance(task, GenerationTask):  # after the peak is read: this imports torch
+        from edgetune.scoring import classification_metrics
+
+        metrics = classification_metrics(predictions, frame["label"].tolist(), task.label_words)
     return {**metrics, "score": metrics[task.primary_metric], "perplexity": ppl,
             "size_mb": Path(path).stat().st_size / 1e6, **timing, "threads": threads,
-            "peak_rss_mb": peak_rss_mb(), "eval_examples": len(frame)}
+            "peak_rss_mb": peak, "eval_examples": len(frame)}
 
 
 def score_isolated(path: str, data_dir: str, task_name: str, cfg: EvaluateParams, name: str) -> dict[str, float]:
