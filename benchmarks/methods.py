@@ -2,7 +2,8 @@
 
 For each method: run the federation through the real engine on the real model, then score
 dev accuracy of the resulting global model (label-word logits), next to zero-shot.
-Reports per method: accuracy, first/last round train loss, bytes up+down per client per round,
+Reports per method: accuracy, macro-F1 and the predicted label shares, first/last round train
+loss, bytes up+down per client per round,
 minutes. Uses the partition stage's output (data/partitions) so every method sees the same
 clients. Peak-memory ratios come from benchmarks/memory.py (one fresh process per case).
 
@@ -35,49 +36,34 @@ def main(argv=None) -> None:
                    "model without the key (an eavesdropper) and score that model")
     args = p.parse_args(argv)
 
-    import pandas as pd
-
-    from benchmarks.common import RESULTS, method_config, model_dir, parse_overrides, save
-    from edgetune.config import load_params
+    from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.setup import attack_of, centralize, load_clients, prepare
-    from edgetune.models import load_hf
-    from edgetune.scoring import accuracy, label_token_ids
-    from edgetune.tasks import get_task
+    from edgetune.federated.setup import attack_of, centralize, prepare
 
-    params = load_params(args.params)
-    path = str(model_dir(args.model))
-    clients = load_clients(args.partitions)
-    frame = pd.read_parquet(args.eval)
-    if args.max_eval:
-        frame = frame.head(args.max_eval)
-    prompts, gold = frame["prompt"].tolist(), frame["label"].astype(int).tolist()
+    score = DevScorer(args)  # params, clients, dev rows, and the zero-shot scores
+    params, path, clients = score.params, score.path, score.clients
     overrides = parse_overrides(args.set)
     budget = {k: v for k, v in {"num_rounds": args.rounds, "local_steps": args.local_steps,
                                 "max_length": args.max_length}.items() if v}
-
-    model, tok = load_hf(path)
-    ids = label_token_ids(tok, get_task(args.task).label_words)
     results, run_params = {}, {}
     if args.update and (RESULTS / f"{args.name}.json").is_file():
         previous = json.loads((RESULTS / f"{args.name}.json").read_text())
         results, run_params = previous["results"], previous["params"]
-    results["zero_shot"] = {"accuracy": accuracy(model, tok, prompts, gold, ids, 16, 128, "zero-shot")}
-    print(f"zero-shot accuracy {results['zero_shot']['accuracy']:.4f}")
+    results["zero_shot"] = score.zero_shot_metrics
+    print(f"zero-shot accuracy {score.zero_shot:.4f}")
     for name in args.methods:
         cfg = method_config(params.finetune, name, budget, overrides)
         use, rate = clients, cfg.sample_rate
         if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
-        method, model = prepare(path, get_task(args.task), cfg, len(use), rate)
+        method, model = prepare(path, score.task, cfg, len(use), rate)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
                                         sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, len(use)))
         minutes = (time.perf_counter() - t0) / 60
         method.apply_global(model, state)
-        acc = accuracy(model, tok, prompts, gold, ids, 16, 128, name)
         results[name] = {
-            "accuracy": acc, "trainable": cfg.trainable_set, "minutes": minutes,
+            **score.metrics(model, name), "trainable": cfg.trainable_set, "minutes": minutes,
             "first_round_loss": history[0].train_loss, "last_round_loss": history[-1].train_loss,
             "mean_loss_first_quarter": sum(h.train_loss for h in history[:max(1, len(history) // 4)]) / max(1, len(history) // 4),
             "mean_loss_last_quarter": sum(h.train_loss for h in history[-max(1, len(history) // 4):]) / max(1, len(history) // 4),
@@ -90,14 +76,14 @@ def main(argv=None) -> None:
             **method.round_metrics(state),  # e.g. dp_epsilon spent over the run
         }
         if args.replay_without_key and cfg.spec.zo and cfg.zo.secret:
-            thief = eavesdropper_model(path, get_task(args.task), cfg, state, len(use), rate)
-            results[name]["accuracy_replayed_without_key"] = accuracy(thief, tok, prompts, gold, ids, 16, 128,
-                                                                      f"{name} replayed without the key")
+            thief = eavesdropper_model(path, score.task, cfg, state, len(use), rate)
+            results[name]["accuracy_replayed_without_key"] = score(thief, f"{name} replayed without the key")
             del thief
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()})
         # a long grid should not lose finished cells to a crash: keep them in <name>.tmp
+        RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{args.name}.tmp").write_text(json.dumps(results, indent=2, sort_keys=True))
-    run_params.update({"model": path, "task": args.task, "eval_examples": len(prompts),
+    run_params.update({"model": path, "task": args.task, "eval_examples": len(score.prompts),
                        **{f"budget.{k}": v for k, v in budget.items()}})
     run_params["methods"] = ",".join(k for k in results if k != "zero_shot")
     print(save(args.name, results, run_params))

@@ -259,6 +259,7 @@ def main(argv=None) -> None:
                 "megabytes": points[-1]["megabytes"], "wall_minutes_this_run": (time.perf_counter() - t0) / 60,
                 "lr": cfg.zo_lr if cfg.spec.zo else cfg.client_lr, **({"eps": cfg.zo_eps, "lr_decay_rounds": cfg.zo_decay_rounds} if cfg.spec.zo else {}),
                 "overrides": " ".join(s for s in args.set if s.startswith(f"{label}:")),
+                "partitions": args.partitions,  # cases merged from calls on other clients say so
             }
     results = {**kept, **results}
     budgets = sorted({5, 10, 15, 30, 60, 90, args.minutes})

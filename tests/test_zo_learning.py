@@ -176,6 +176,7 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert [p["round"] for p in merged["results"]["job"]["curve"]] == [1]
     assert set(merged["results"]["at_equal_minutes"]) == {"fedkseed", "job"}
     assert "fedkseed:trainable=lora" in merged["params"]["overrides"]
+    assert merged["results"]["job"]["partitions"] == str(parts)
 
     # --replot draws chosen cases of the JSON, training nothing; an unknown case is exit 2
     time_to_accuracy.main(["--name", "tta_test", "--replot", "tta_job", "--methods", "job"])
@@ -188,6 +189,31 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     with pytest.raises(SystemExit) as bad:
         time_to_accuracy.main(["--name", "tta_test", "--replot", "x", "--methods", "mezo"])
     assert bad.value.code == 2 and "has no case mezo; it has fedkseed, job" in capsys.readouterr().err
+
+
+def test_methods_side_by_side_score_each_case_and_update_keeps_the_others(tiny_model_dir, sst2_prompts, tmp_path,
+                                                                         monkeypatch):
+    """benchmarks/methods.py: each case's global model is scored like the evaluate stage
+    (accuracy, macro-F1, predicted label shares) beside zero-shot; --update re-runs one case
+    and keeps the rest of the results file."""
+    import benchmarks.common
+    from benchmarks import methods
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    parts, dev = tiny_project(tmp_path, sst2_prompts)
+    args = ["--model", str(tiny_model_dir), "--partitions", str(parts), "--eval", str(dev),
+            "--rounds", "1", "--local-steps", "1", "--name", "methods_test"]
+    methods.main([*args, "--methods", "fedit", "job"])
+    first = json.loads((tmp_path / "results" / "methods_test.json").read_text())["results"]
+    methods.main([*args, "--methods", "job", "--update", "--set", "job:zo.lr=1e-2"])
+    record = json.loads((tmp_path / "results" / "methods_test.json").read_text())
+    results = record["results"]
+    assert set(results) == {"zero_shot", "fedit", "job"} and results["fedit"] == first["fedit"]
+    assert results["job"]["overrides"] == "job:zo.lr=1e-2" and record["params"]["eval_examples"] == 32
+    for row in results.values():
+        assert row["predicted_share_negative"] + row["predicted_share_positive"] == pytest.approx(1)
+        assert 0 <= row["macro_f1"] <= 1 and 0 <= row["accuracy"] <= 1
 
 
 def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model_dir, sst2_prompts, tmp_path,
