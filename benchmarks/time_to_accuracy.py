@@ -262,7 +262,7 @@ def main(argv=None) -> None:
                 "partitions": args.partitions,  # cases merged from calls on other clients say so
             }
     results = {**kept, **results}
-    budgets = sorted({5, 10, 15, 30, 60, 90, args.minutes})
+    budgets = sorted({5, 10, 15, 20, 30, 60, 90, args.minutes})
     table = {label: {f"{m:g} min": accuracy_within(r["curve"], m) for m in budgets} for label, r in results.items()}
     png = RESULTS / f"{args.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -85,12 +85,13 @@ def classification_metrics(predictions: list[int], labels: list[int],
     shares = torch.bincount(pred, minlength=n).double() / max(len(pred), 1)
     return {"accuracy": (pred == gold).sum().item() / max(len(pred), 1),  # as accuracy() does
             "macro_f1": multiclass_f1_score(pred, gold, num_classes=n, average="macro").item(),
-            **{f"predicted_share_{metric_word(w)}": shares[i].item() for i, w in enumerate(label_words)}}
+            **{f"predicted_share_{metric_word(w, i)}": shares[i].item() for i, w in enumerate(label_words)}}
 
 
-def metric_word(label_word: str) -> str:
-    """A label word as a metric-name suffix: ' Yes' -> 'yes'."""
-    return "".join(c for c in label_word.strip().lower() if c.isalnum() or c == "_") or "label"
+def metric_word(label_word: str, index: int) -> str:
+    """A label word as a metric-name suffix: ' Yes' -> 'yes'; the label's index where the word
+    has no letters or digits (two such words must not write one key)."""
+    return "".join(c for c in label_word.strip().lower() if c.isalnum() or c == "_") or str(index)
 
 
 def by_length(tok, prompts: list[str]) -> list[int]:

@@ -47,3 +47,5 @@ def test_a_model_that_answers_one_label_shows_it_in_macro_f1_and_the_predicted_s
     assert (biased["predicted_share_negative"], biased["predicted_share_positive"]) == (0.0, 1.0)
     perfect = classification_metrics(gold, gold, (" Yes", " No"))
     assert perfect["macro_f1"] == 1.0 and perfect["predicted_share_yes"] == 0.25
+    symbols = classification_metrics([0, 1, 1], [0, 1, 1], (" +", " -"))  # no letters: keyed by index
+    assert (symbols["predicted_share_0"], symbols["predicted_share_1"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3))
