@@ -58,7 +58,7 @@ class DevScorer:
         from edgetune.config import load_params
         from edgetune.federated.setup import load_clients
         from edgetune.models import load_hf
-        from edgetune.scoring import label_token_ids
+        from edgetune.scoring import label_token_ids, metric_word
         from edgetune.tasks import get_task
 
         self.params, self.path = load_params(args.params), str(model_dir(args.model))
@@ -71,6 +71,8 @@ class DevScorer:
         self.zero_shot_metrics = self.metrics(base, "zero-shot")
         self.zero_shot = self.zero_shot_metrics["accuracy"]
         self.majority_rate = max(self.gold.count(c) for c in set(self.gold)) / len(self.gold)
+        self.gold_shares = {f"gold_share_{metric_word(w, i)}": self.gold.count(i) / len(self.gold)
+                            for i, w in enumerate(self.task.label_words)}  # what a model should answer
 
     def __call__(self, model, what: str) -> float:
         return self.metrics(model, what)["accuracy"]

@@ -5,7 +5,7 @@ finetune stage would save had it stopped at R) against the last round's model al
 Nothing is trained: the case's (seed, scalar) history is read from the time-to-accuracy cache
 (benchmarks/.cache/tta/<name>/<label>, which the case's config must match) and replayed round
 by round; at each chosen round the stage's own `average_last_rounds` builds the mean, it is
-scored on the whole dev split, and the weights go back to round R's. Each point is kept in
+scored on the whole dev split (accuracy, macro-F1, predicted label shares), and the weights go back to round R's. Each point is kept in
 <label>/average-<k>.json beside the cache, so a killed run goes on where it stopped. Writes
 benchmarks/results/<name>_average.{json,png} and an MLflow run in `edgetune-benchmarks`.
 
@@ -70,11 +70,12 @@ def average_curve(label, cfg, score, args) -> tuple[list[dict], list[dict]]:
         at = r
         with zo.restored(method.params):
             method.average_last_rounds(rounds[:r], args.average)
-            averaged = score(model, f"{label} round {r}, mean of {args.average}")
-        done[r] = {**last_of[r], "last_accuracy": last_of[r]["accuracy"], "averaged_accuracy": averaged}
+            averaged = score.metrics(model, f"{label} round {r}, mean of {args.average}")
+        done[r] = {**last_of[r], "last_accuracy": last_of[r]["accuracy"],
+                   **{f"averaged_{k}": v for k, v in averaged.items()}}  # accuracy, macro-F1, shares
         done_file.write_text(json.dumps(sorted(done.values(), key=lambda p: p["round"]), indent=1))
         print(f"{label} round {r}: last {last_of[r]['accuracy']:.4f}, mean of last {args.average} "
-              f"{averaged:.4f}", flush=True)
+              f"{averaged['accuracy']:.4f} (macro-F1 {averaged['macro_f1']:.4f})", flush=True)
     return sorted(done.values(), key=lambda p: p["round"]), curve
 
 
@@ -167,7 +168,8 @@ def main(argv=None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     n_eval = len(score.prompts)
     plot(results, zero_shot, n_eval, args.average, png)
-    zero = {"accuracy": zero_shot, "standard_error": standard_error(zero_shot, n_eval)}
+    zero = {**score.zero_shot_metrics, "standard_error": standard_error(zero_shot, n_eval),
+            "majority_label_rate": score.majority_rate, **score.gold_shares}
     out = save(name, {"zero_shot": zero, **results},
                {"tta_name": args.name, "average_rounds": args.average, "from_round": args.start,
                 "every": args.every, "eval_examples": n_eval, "methods": ",".join(args.methods),

@@ -8,7 +8,8 @@ time). Each point is logged to MLflow as step-indexed metrics of the case's chil
 (dev_accuracy, dev_macro_f1, dev_predicted_share_<label>, train_seconds, client_steps,
 megabytes: in the UI, pick train_seconds or megabytes as a chart's x-axis), written to
 benchmarks/results/<name>.json, and drawn in <name>.png (accuracy vs minutes, vs client
-steps, vs MB, over zero-shot and the rate of always answering the majority label).
+steps, vs MB, over zero-shot and the rate of always answering the majority label; below, the
+share of rows answered with the base model's favourite label, against that label's gold share).
 
 Long budgets resume: each case saves every round in benchmarks/.cache/tta/<name>/<label>
 (federated/resume.py, keyed by the case's config), so a killed run, or a second run with a
@@ -148,40 +149,67 @@ def recorded_cases(path: Path, zero_shot: float, args) -> dict:
             if label not in ("zero_shot", "at_equal_minutes") and label not in args.methods}
 
 
-def plot(results: dict, zero_shot: float, n_eval: int, out: Path, max_steps: int | None = None,
-         majority: float | None = None) -> None:
-    """Accuracy against training minutes, client steps and MB, one line per case (points up to
-    `max_steps` client steps, when given), over zero-shot, its standard-error band and the
-    majority-label rate (when known: what always answering one label scores)."""
+def plot(results: dict, zero: dict, n_eval: int, out: Path, max_steps: int | None = None) -> None:
+    """Top row: accuracy against training minutes, client steps and MB, one line per case
+    (points up to `max_steps` client steps, when given), over zero-shot (`zero`: the JSON's
+    zero-shot record), its standard-error band and the majority-label rate (what always
+    answering one label scores). Bottom row, when the points carry it: the share of dev rows
+    the model answers with the zero-shot model's favourite label, against the gold share, so
+    a gain that is only a moved label bias (or a case flipping between labels) shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from benchmarks.common import draw_zero_shot
-
+    share, word = favourite_label(zero)
+    rows = [("accuracy", "dev accuracy")] + ([(share, f'share answered "{word}"')] if share else [])
     axes_of = [("train_seconds", "training minutes", 1 / 60, "linear"),
                ("client_steps", "client steps", 1, "linear"), ("megabytes", "MB exchanged", 1, "log")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), sharey=True)
-    for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
-        for i, (label, case) in enumerate(results.items()):
-            pts = [p for p in case["curve"] if max_steps is None or p["client_steps"] <= max_steps]
-            start = [] if xscale == "log" else [(0.0, zero_shot)]  # every case starts at the base model
-            xy = start + [(p[key] * scale, p["accuracy"]) for p in pts]
-            colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
-            ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
-        draw_zero_shot(ax, zero_shot, n_eval)
-        if majority is not None:
-            ax.axhline(majority, color="black", ls=":", lw=1, label="always the majority label")
-        ax.set_xlabel(xlabel)
-        ax.set_xscale(xscale)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("dev accuracy")
-    axes[0].legend(fontsize=8)
+    fig, grid = plt.subplots(len(rows), 3, figsize=(15, 4.2 * len(rows)), sharey="row", squeeze=False)
+    for axes, (metric, ylabel) in zip(grid, rows):
+        for ax, (key, xlabel, scale, xscale) in zip(axes, axes_of):
+            for i, (label, case) in enumerate(results.items()):
+                pts = [p for p in case["curve"] if metric in p and (max_steps is None or p["client_steps"] <= max_steps)]
+                whole = all(metric in p for p in case["curve"])  # older points may lack shares
+                start = [(0.0, zero[metric])] if xscale != "log" and whole else []  # from the base model
+                xy = start + [(p[key] * scale, p[metric]) for p in pts]
+                if not xy:
+                    continue
+                colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
+                ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
+            reference_lines(ax, metric, zero, n_eval, word)
+            ax.set_xlabel(xlabel)
+            ax.set_xscale(xscale)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel(ylabel)
+    grid[0][0].legend(fontsize=8)
     fig.suptitle("Time to accuracy: global model on the whole dev split")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def favourite_label(zero: dict) -> tuple[str | None, str | None]:
+    """(metric key, label word) of the label the zero-shot model answers most; (None, None) for
+    a record without predicted shares (made before they were measured)."""
+    shares = {k: v for k, v in zero.items() if k.startswith("predicted_share_")}
+    if not shares:
+        return None, None
+    key = max(shares, key=shares.get)
+    return key, key.removeprefix("predicted_share_")
+
+
+def reference_lines(ax, metric: str, zero: dict, n_eval: int, word: str | None) -> None:
+    """Accuracy: zero-shot with its band, and the majority-label rate. Share: the gold share of
+    that label (when recorded)."""
+    from benchmarks.common import draw_zero_shot
+
+    if metric == "accuracy":
+        draw_zero_shot(ax, zero["accuracy"], n_eval)
+        if zero.get("majority_label_rate") is not None:
+            ax.axhline(zero["majority_label_rate"], color="black", ls=":", lw=1, label="always the majority label")
+    elif f"gold_share_{word}" in zero:
+        ax.axhline(zero[f"gold_share_{word}"], color="black", ls=":", lw=1, label=f'gold share of "{word}"')
 
 
 def replot(args) -> Path:
@@ -201,8 +229,7 @@ def replot(args) -> Path:
         raise ValueError(f"--replot: {source} has no case {', '.join(missing)}; it has {', '.join(cases)}")
     out = RESULTS / f"{args.replot}.png"
     zero = record["results"]["zero_shot"]
-    plot({m: cases[m] for m in chosen}, zero["accuracy"], record["params"]["eval_examples"], out,
-         args.max_steps, zero.get("majority_label_rate"))
+    plot({m: cases[m] for m in chosen}, zero, record["params"]["eval_examples"], out, args.max_steps)
     return out
 
 
@@ -267,9 +294,9 @@ def main(argv=None) -> None:
     png = RESULTS / f"{args.name}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     n_eval = len(score.prompts)
-    plot(results, zero_shot, n_eval, png, majority=score.majority_rate)
     zero = {**score.zero_shot_metrics, "standard_error": standard_error(zero_shot, n_eval),
-            "majority_label_rate": score.majority_rate}
+            "majority_label_rate": score.majority_rate, **score.gold_shares}
+    plot(results, zero, n_eval, png)
     out = save(args.name, {"zero_shot": zero, **results, "at_equal_minutes": table},
                {"model": score.path, "task": args.task, "eval_examples": n_eval, "rounds": args.rounds,
                 "minutes": args.minutes, "eval_every": args.eval_every, "methods": ",".join(results),

@@ -363,6 +363,8 @@ class FinetuneParams(Section):
         "auto", description="client AdamW learning rate (weight-exchanging methods); auto = the "
         "method's own (its registry lr); zeroth-order methods use zo.lr")
     weight_decay: float = Field(0.0, ge=0, description="client AdamW weight decay")
+    proximal_mu: float = Field(0.0, ge=0, description="FedProx: mu/2 * ||w - w_global||^2 added to each "
+                               "local step's loss (weight-exchanging methods; 0 = off, FedAvg)")
     max_length: int = Field(64, ge=8, description="prompt tokens kept (truncated from the left)")
     lora: LoraParams = LoraParams()
     prefix: PrefixParams = PrefixParams()
@@ -427,6 +429,9 @@ class FinetuneParams(Section):
         if self.zo.average_rounds and self.weight_decay:
             raise ValueError("finetune.zo.average_rounds: the average is rebuilt by replaying pairs, "
                              "which is exact only without weight decay; set finetune.weight_decay to 0")
+        if self.proximal_mu and self.spec.zo:
+            raise ValueError(f"finetune.proximal_mu: the proximal term is added to a backprop loss; "
+                             f"{self.method} trains by zeroth order (set it to 0)")
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")
@@ -475,8 +480,11 @@ class FinetuneParams(Section):
     def training_key(self) -> dict:
         """What shapes training, for resume fingerprints: the params and the values their `auto`
         knobs stand for (a changed default must not resume a run made under the old one).
-        zo.average_rounds only changes the saved model, so a run resumes across it."""
+        zo.average_rounds only changes the saved model, so a run resumes across it; proximal_mu
+        at 0 is left out, so a run made before the knob existed resumes."""
         key = {**self.model_dump(mode="json"), **self.resolved()}
+        if not key["proximal_mu"]:
+            key.pop("proximal_mu")
         key["zo"] = {k: v for k, v in key["zo"].items() if k != "average_rounds"}
         if key["zo"]["lr_decay_rounds"] == "auto":  # its value, so a run made before auto resumes
             key["zo"]["lr_decay_rounds"] = self.zo_decay_rounds if self.spec.zo else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edgetune.config import FinetuneParams
@@ -75,3 +76,24 @@ def test_export_writes_a_loadable_merged_model(tiny_model_dir, sst2_prompts, tmp
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected, atol=1e-4, rtol=1e-4)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def drift(state, start) -> float:
+    return sum(((state[k] - start[k]) ** 2).sum().item() for k in state) ** 0.5
+
+
+def test_fedprox_term_keeps_clients_near_the_global_model(tiny_model_dir, sst2_prompts):
+    """finetune.proximal_mu (FedProx): the same round with a large mu moves the global LoRA
+    blocks less; the reported loss stays the task loss (the term is zero at the first step)."""
+    clients = make_clients(sst2_prompts)
+    plain, _, _, state, history = run(tiny_model_dir, clients, rounds=1)
+    prox, _, _, prox_state, prox_history = run(tiny_model_dir, clients, rounds=1, proximal_mu=100.0)
+    assert 0 < drift(prox_state, prox.initial) < 0.8 * drift(state, plain.initial)
+    assert abs(prox_history[0].train_loss - history[0].train_loss) < 0.5
+
+
+def test_fedprox_is_for_backprop_methods_and_off_leaves_resume_keys_as_they_were():
+    with pytest.raises(ValueError, match="finetune.proximal_mu: .*fedkseed trains by zeroth order"):
+        FinetuneParams(method="fedkseed", proximal_mu=0.1)
+    assert "proximal_mu" not in FinetuneParams().training_key()  # runs cached before the knob resume
+    assert FinetuneParams(proximal_mu=0.1).training_key()["proximal_mu"] == 0.1

@@ -163,6 +163,11 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     assert zero["standard_error"] == pytest.approx((zero["accuracy"] * (1 - zero["accuracy"]) / 32) ** 0.5)
     gold = sst2_prompts[1][300:332]
     assert zero["majority_label_rate"] == max(gold.count(0), gold.count(1)) / 32
+    assert (zero["gold_share_negative"], zero["gold_share_positive"]) == (gold.count(0) / 32, gold.count(1) / 32)
+    favourite = max(("negative", "positive"), key=lambda w: zero[f"predicted_share_{w}"])
+    assert time_to_accuracy.favourite_label(zero) == (f"predicted_share_{favourite}", favourite)
+    from PIL import Image  # the plot's second row: the share answered with that label over steps
+    assert Image.open(tmp_path / "results" / "tta_test.png").size[1] > 800
     for point in [zero, *curve]:  # every scoring says whether the model just answers one label
         assert point["predicted_share_negative"] + point["predicted_share_positive"] == pytest.approx(1)
         assert 0 <= point["macro_f1"] <= 1
@@ -241,6 +246,9 @@ def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model
     curve = json.loads((tmp_path / "results" / "tta_test.json").read_text())["results"]["fk"]["curve"]
     assert [p["round"] for p in record["curve"]] == [2, 3]  # from 2, and always the last
     assert [p["last_accuracy"] for p in record["curve"]] == [p["accuracy"] for p in curve[1:]]
+    for p in record["curve"]:  # the averaged model's balance between labels, as every scoring has
+        assert p["averaged_predicted_share_negative"] + p["averaged_predicted_share_positive"] == pytest.approx(1)
+        assert 0 <= p["averaged_macro_f1"] <= 1
     png = tmp_path / "results" / "tta_test_average.png"
     assert png.stat().st_size > 10_000
     png.unlink()

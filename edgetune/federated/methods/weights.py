@@ -1,6 +1,7 @@
 """What every weight-exchanging (PEFT / full) method shares: a client loads the global blocks it
 was sent, trains its trainable set by backprop with AdamW for local_steps, and uploads the new
-values of the blocks it trained; the server averages them weighted by sample counts (Flower's
+values of the blocks it trained (with finetune.proximal_mu, FedProx's proximal term on its
+loss); the server averages them weighted by sample counts (Flower's
 `aggregate`; or folds them by a robust rule, finetune.aggregation) and steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
 
 The global state is a dict of named blocks (trainable parameters, or parts of one). By default
@@ -73,7 +74,8 @@ class WeightMethod(FederatedMethod):
                        {"num_samples": len(data), "loss": loss})
 
     def train_locally(self, model, params: list[torch.Tensor], data: ClientData, rng) -> float:
-        """local_steps of AdamW on `params` only (the rest frozen); returns the mean loss."""
+        """local_steps of AdamW on `params` only (the rest frozen); returns the mean task loss
+        (without the proximal term)."""
         chosen = {id(p) for p in params}
         frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
         for p in frozen:
@@ -81,16 +83,18 @@ class WeightMethod(FederatedMethod):
         model.train()
         opt = torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
         mixed = self.precision if self.precision and self.precision.enabled else None  # model.dtype
+        anchor = [p.detach().clone() for p in params] if self.cfg.proximal_mu else None
         losses = []
         try:
             for _ in range(self.cfg.local_steps):
                 with mixed.autocast() if mixed else nullcontext():
                     loss = self.loss(model, *sample_batch(data, self.cfg.batch_size, rng))
+                total = loss + self.proximal_term(params, anchor) if anchor else loss
                 opt.zero_grad(set_to_none=True)
                 if mixed:  # bf16 / fp16 autocast; fp16 with a GradScaler
-                    mixed.step(loss, opt)
+                    mixed.step(total, opt)
                 else:
-                    loss.backward()
+                    total.backward()
                     opt.step()
                 losses.append(loss.item())
         finally:  # also when the client fails: the next one finds the model as it was
@@ -98,6 +102,15 @@ class WeightMethod(FederatedMethod):
                 p.requires_grad_(True)
             model.eval()
         return sum(losses) / len(losses)
+
+    def proximal_term(self, params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
+        """FedProx's mu/2 * ||w - w_global||^2 over the trained tensors, w_global being their
+        values when local training began (Li et al., "Federated Optimization in Heterogeneous
+        Networks", MLSys 2020): it keeps a client on skewed data near the global model.
+        Written here because the term lives in the client's loss: Flower's FedProx strategy
+        only sends mu, and its clients add the term themselves."""
+        drift = sum(((p.float() - a.float()) ** 2).sum() for p, a in zip(params, anchor))
+        return 0.5 * self.cfg.proximal_mu * drift
 
     def client_mean(self, state, replies) -> dict[str, torch.Tensor]:
         """The blocks the server optimizer steps towards: the sample-weighted mean, a robust
