@@ -85,6 +85,16 @@ class DevScorer:
         return classification_metrics(predictions, self.gold, self.task.label_words)
 
 
+def round_label_mix(clients, client_ids: list[int], label_words: tuple[str, ...]) -> dict[str, float]:
+    """`round_gold_share_<word>`: the share of each label among the rows of `client_ids` (a
+    round's aggregated clients): what that round's updates pull the model towards."""
+    from edgetune.scoring import metric_word
+
+    targets = [y for c in client_ids for y in clients[c].targets]
+    return {f"round_gold_share_{metric_word(w, i)}": targets.count(i) / len(targets)
+            for i, w in enumerate(label_words)}
+
+
 def parse_overrides(pairs: list[str]) -> dict[str, dict]:
     """'label:key.sub=value' -> {label: {key: {sub: value}}} (values parsed as YAML)."""
     import yaml

@@ -5,8 +5,9 @@ method asks).
 Every case runs through the real engine on the partition stage's clients; every `--eval-every`
 rounds the global model is scored on the dev split (the scoring is not counted as training
 time). Each point is logged to MLflow as step-indexed metrics of the case's child run
-(dev_accuracy, dev_macro_f1, dev_predicted_share_<label>, train_seconds, client_steps,
-megabytes: in the UI, pick train_seconds or megabytes as a chart's x-axis), written to
+(dev_accuracy, dev_macro_f1, dev_predicted_share_<label>, round_gold_share_<label> of the
+last round's clients, train_seconds, client_steps, megabytes: in the UI, pick train_seconds or
+megabytes as a chart's x-axis), written to
 benchmarks/results/<name>.json, and drawn in <name>.png (accuracy vs minutes, vs client
 steps, vs MB, over zero-shot and the rate of always answering the majority label; below, the
 share of rows answered with the base model's favourite label, against that label's gold share).
@@ -55,7 +56,8 @@ class Curve:
         self.bytes += log.bytes_exchanged
 
     def record(self, rnd: int, metrics: dict[str, float], train_loss: float) -> dict:
-        """One scoring: DevScorer.metrics (accuracy, macro-F1, predicted label shares) and totals."""
+        """One scoring: DevScorer.metrics (accuracy, macro-F1, predicted label shares), the
+        clients of the round just aggregated with their rows' label mix, and totals."""
         point = {"round": rnd, **metrics, "train_seconds": self.seconds,
                  "client_steps": int(self.steps), "megabytes": self.bytes / 1e6, "train_loss": train_loss}
         self.points = [p for p in self.points if p["round"] < rnd] + [point]
@@ -66,6 +68,7 @@ class Curve:
 
 def log_point(mlflow, point: dict) -> None:
     shares = {f"dev_{k}": v for k, v in point.items() if k.startswith("predicted_share_")}
+    shares |= {k: v for k, v in point.items() if k.startswith("round_gold_share_")}
     mlflow.log_metrics({"dev_accuracy": point["accuracy"], "train_seconds": point["train_seconds"],
                         "client_steps": point["client_steps"], "megabytes": point["megabytes"],
                         **({"dev_macro_f1": point["macro_f1"]} if "macro_f1" in point else {}), **shares},
@@ -90,6 +93,7 @@ def case_fingerprint(cfg, args) -> str:
 def run_case(label, cfg, score, args, mlflow) -> list[dict]:
     """Train one case until its rounds or minutes run out, scoring every eval_every rounds
     (score: common.DevScorer, which also holds the model folder, task and clients)."""
+    from benchmarks.common import round_label_mix
     from edgetune.federated.engine import run_federation
     from edgetune.federated.resume import ResumeFolder
     from edgetune.federated.setup import attack_of, centralize, prepare
@@ -108,16 +112,19 @@ def run_case(label, cfg, score, args, mlflow) -> list[dict]:
     method, model = prepare(score.path, score.task, cfg, len(use), rate)
     per_client = cfg.local_steps * (cfg.zo.samples if cfg.spec.zo else 1)
     losses: dict[int, float] = {}
+    mixes: dict[int, dict] = {}
 
     def on_round(log):
         curve.add_round(log, per_client)
         losses[log.round] = log.train_loss
+        mixes[log.round] = {"round_clients": log.clients,
+                            **round_label_mix(use, log.clients, score.task.label_words)}
 
     def on_global(rnd, state):
         out_of_time = curve.seconds >= args.minutes * 60 and rnd < cfg.num_rounds
         if rnd % args.eval_every == 0 or rnd == cfg.num_rounds or out_of_time:
             method.apply_global(model, state)
-            point = curve.record(rnd, score.metrics(model, f"{label} round {rnd}"), losses[rnd])
+            point = curve.record(rnd, {**score.metrics(model, f"{label} round {rnd}"), **mixes[rnd]}, losses[rnd])
             log_point(mlflow, point)
             print(f"{label} round {rnd}: accuracy {point['accuracy']:.4f} (macro-F1 "
                   f"{point['macro_f1']:.4f}) after "
@@ -177,12 +184,14 @@ def plot(results: dict, zero: dict, n_eval: int, out: Path, max_steps: int | Non
                     continue
                 colour = plt.cm.tab20.colors[(2 * i) % 20 + (2 * i) // 20 % 2]  # 20 cases, no colour twice
                 ax.plot(*zip(*xy), marker="o", ms=3, label=label, color=colour)
-            reference_lines(ax, metric, zero, n_eval, word)
+            gold = reference_lines(ax, metric, zero, n_eval, word)
             ax.set_xlabel(xlabel)
             ax.set_xscale(xscale)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel(ylabel)
     grid[0][0].legend(fontsize=8)
+    if share and gold:
+        grid[1][0].legend(handles=[gold], fontsize=8)
     fig.suptitle("Time to accuracy: global model on the whole dev split")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -199,9 +208,9 @@ def favourite_label(zero: dict) -> tuple[str | None, str | None]:
     return key, key.removeprefix("predicted_share_")
 
 
-def reference_lines(ax, metric: str, zero: dict, n_eval: int, word: str | None) -> None:
+def reference_lines(ax, metric: str, zero: dict, n_eval: int, word: str | None):
     """Accuracy: zero-shot with its band, and the majority-label rate. Share: the gold share of
-    that label (when recorded)."""
+    that label (when recorded), whose line is returned."""
     from benchmarks.common import draw_zero_shot
 
     if metric == "accuracy":
@@ -209,7 +218,9 @@ def reference_lines(ax, metric: str, zero: dict, n_eval: int, word: str | None) 
         if zero.get("majority_label_rate") is not None:
             ax.axhline(zero["majority_label_rate"], color="black", ls=":", lw=1, label="always the majority label")
     elif f"gold_share_{word}" in zero:
-        ax.axhline(zero[f"gold_share_{word}"], color="black", ls=":", lw=1, label=f'gold share of "{word}"')
+        return ax.axhline(zero[f"gold_share_{word}"], color="black", ls=":", lw=1,
+                          label=f'dev rows whose gold label is "{word}"')
+    return None
 
 
 def replot(args) -> Path:

@@ -195,6 +195,27 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
         time_to_accuracy.main(["--name", "tta_test", "--replot", "x", "--methods", "mezo"])
     assert bad.value.code == 2 and "has no case mezo; it has fedkseed, job" in capsys.readouterr().err
 
+    # label_mix: a point's clients are the round's aggregated ones, with their rows' label mix;
+    # for points that lack them (older curves) replaying the engine's sampling gives the same
+    from benchmarks import label_mix
+    from edgetune.federated.setup import load_clients
+
+    rows = load_clients(parts)
+    for point in curve:
+        assert len(point["round_clients"]) == 2  # 2 of 4 clients per round
+        targets = [y for c in point["round_clients"] for y in rows[c].targets]
+        assert point["round_gold_share_negative"] == targets.count(0) / len(targets)
+    label_mix.main(["--name", "tta_test"])
+    mix_file = tmp_path / "results" / "tta_test_label_mix.json"
+    mixed = json.loads(mix_file.read_text())["results"]
+    assert [p["round_clients"] for p in mixed["fedkseed"]["points"]] == [p["round_clients"] for p in curve]
+    for point in merged["results"]["fedkseed"]["curve"]:
+        del point["round_clients"]
+    (tmp_path / "results" / "tta_test.json").write_text(json.dumps(merged))
+    label_mix.main(["--name", "tta_test"])
+    assert json.loads(mix_file.read_text())["results"]["fedkseed"] == mixed["fedkseed"]
+    assert (tmp_path / "results" / "tta_test_label_mix.png").stat().st_size > 10_000
+
 
 def test_methods_side_by_side_score_each_case_and_update_keeps_the_others(tiny_model_dir, sst2_prompts, tmp_path,
                                                                          monkeypatch):
