@@ -101,7 +101,7 @@ def main(argv=None) -> None:
 
     from benchmarks.common import RESULTS, method_config, parse_overrides, save
     from benchmarks.time_to_accuracy import favourite_label
-    from edgetune.config import load_params
+    from edgetune.config import BadInput, load_params
     from edgetune.tasks import get_task
 
     source = RESULTS / f"{args.name}.json"
@@ -127,7 +127,7 @@ def main(argv=None) -> None:
             continue
         try:
             points = case_points(label, cases[label], cfg, word, words)
-        except ValueError as e:
+        except (ValueError, BadInput) as e:  # e.g. a case's partitions folder is gone
             p.error(str(e))
         results[label] = {"points": points, "pearson_r": correlation(points), "sample_rate": cfg.sample_rate}
         print(f"{label}: {len(points)} scorings, r = {results[label]['pearson_r']}")

@@ -360,9 +360,12 @@ class FinetuneParams(Section):
     local_steps: int = Field(3, ge=1, description="optimizer steps per sampled client per round")
     batch_size: int = Field(8, ge=1, description="examples per local step")
     lr: Annotated[float, Field(gt=0)] | Literal["auto"] = Field(
-        "auto", description="client AdamW learning rate (weight-exchanging methods); auto = the "
-        "method's own (its registry lr); zeroth-order methods use zo.lr")
-    weight_decay: float = Field(0.0, ge=0, description="client AdamW weight decay")
+        "auto", description="client learning rate (weight-exchanging methods); auto = the "
+        "method's own AdamW lr (its registry lr); zeroth-order methods use zo.lr")
+    client_optimizer: Literal["adamw", "sgd"] = Field(
+        "adamw", description="local optimizer of weight-exchanging methods, fresh every round: adamw, "
+        "or sgd (plain local SGD as in FedAvg: steps scale with the gradient; needs an explicit lr)")
+    weight_decay: float = Field(0.0, ge=0, description="client weight decay (AdamW's decoupled, SGD's L2)")
     proximal_mu: float = Field(0.0, ge=0, description="FedProx: mu/2 * ||w - w_global||^2 added to each "
                                "local step's loss (weight-exchanging methods; 0 = off, FedAvg)")
     max_length: int = Field(64, ge=8, description="prompt tokens kept (truncated from the left)")
@@ -429,6 +432,12 @@ class FinetuneParams(Section):
         if self.zo.average_rounds and self.weight_decay:
             raise ValueError("finetune.zo.average_rounds: the average is rebuilt by replaying pairs, "
                              "which is exact only without weight decay; set finetune.weight_decay to 0")
+        if self.client_optimizer != "adamw" and self.spec.zo:
+            raise ValueError(f"finetune.client_optimizer: {self.method} trains by zeroth order (its "
+                             f"step is zo.lr's ZO-SGD); leave it at adamw")
+        if self.client_optimizer == "sgd" and self.lr == "auto":
+            raise ValueError("finetune.lr: auto stands for the method's AdamW lr, far too small for "
+                             "client_optimizer sgd; set finetune.lr (e.g. 0.1 for LoRA)")
         if self.proximal_mu and self.spec.zo:
             raise ValueError(f"finetune.proximal_mu: the proximal term is added to a backprop loss; "
                              f"{self.method} trains by zeroth order (set it to 0)")
@@ -481,10 +490,12 @@ class FinetuneParams(Section):
         """What shapes training, for resume fingerprints: the params and the values their `auto`
         knobs stand for (a changed default must not resume a run made under the old one).
         zo.average_rounds only changes the saved model, so a run resumes across it; proximal_mu
-        at 0 is left out, so a run made before the knob existed resumes."""
+        at 0 and client_optimizer adamw are left out, so a run made before those knobs resumes."""
         key = {**self.model_dump(mode="json"), **self.resolved()}
         if not key["proximal_mu"]:
             key.pop("proximal_mu")
+        if key["client_optimizer"] == "adamw":
+            key.pop("client_optimizer")
         key["zo"] = {k: v for k, v in key["zo"].items() if k != "average_rounds"}
         if key["zo"]["lr_decay_rounds"] == "auto":  # its value, so a run made before auto resumes
             key["zo"]["lr_decay_rounds"] = self.zo_decay_rounds if self.spec.zo else None

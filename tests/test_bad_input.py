@@ -181,6 +181,8 @@ CASES = [
          key("finetune.lora.init", "eva")),
     Case("params-lora-init-orthogonal-odd-rank", "finetune", "finetune.lora.init: orthogonal needs an even",
          {"finetune": {"lora": {"init": "orthogonal", "r": 5}}}),
+    Case("params-sgd-without-lr", "finetune", "finetune.lr: auto stands for the method's AdamW lr",
+         key("finetune.client_optimizer", "sgd")),
     Case("params-bad-seed-attack-on-weights", "finetune", "finetune.attack.kind: bad_seed",
          {"finetune": {"attack": {"fraction": 0.5, "kind": "bad_seed"}}}),
     # the memorization audit (edgetune/audit.py): checked before any row is planted

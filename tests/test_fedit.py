@@ -97,3 +97,40 @@ def test_fedprox_is_for_backprop_methods_and_off_leaves_resume_keys_as_they_were
         FinetuneParams(method="fedkseed", proximal_mu=0.1)
     assert "proximal_mu" not in FinetuneParams().training_key()  # runs cached before the knob resume
     assert FinetuneParams(proximal_mu=0.1).training_key()["proximal_mu"] == 0.1
+
+
+def test_local_sgd_steps_by_the_gradient_of_the_clients_batch(tiny_model_dir, sst2_prompts):
+    """finetune.client_optimizer sgd: one local step is w - lr * grad of the task loss on the batch
+    the client's generator draws (plain SGD, FedAvg's local solver), not AdamW's normalized step."""
+    from edgetune.federated.engine import client_generator
+    from edgetune.federated.methods.weights import sample_batch
+    from tests.helpers import build
+
+    client = make_clients(sst2_prompts)[0]
+    cfg = FinetuneParams(local_steps=1, batch_size=8, lr=0.5, client_optimizer="sgd")
+    method, model = build(tiny_model_dir, cfg)
+    state = method.init_state(model)
+    torch.manual_seed(0)  # LoRA B starts at zero: give it values so every block has a gradient
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    reply = method.client_update(model, Message(state), client, client_generator(0, 1, 0))
+
+    method.load(state)
+    model.train()
+    loss = method.loss(model, *sample_batch(client, 8, client_generator(0, 1, 0)))
+    grads = torch.autograd.grad(loss, list(method.blocks.values()))
+    model.eval()
+    for (key, p), g in zip(method.blocks.items(), grads):
+        torch.testing.assert_close(reply.tensors[key], state[key] - 0.5 * g, atol=1e-6, rtol=1e-5)
+    adamw = FinetuneParams(local_steps=1, batch_size=8, lr=0.5)
+    adam_method, adam_model = build(tiny_model_dir, adamw)
+    adam_reply = adam_method.client_update(adam_model, Message(state), client, client_generator(0, 1, 0))
+    assert drift(adam_reply.tensors, state) > 2 * drift(reply.tensors, state)  # ~lr per coordinate
+
+
+def test_local_sgd_needs_an_lr_and_a_backprop_method_and_adamw_keeps_resume_keys():
+    with pytest.raises(ValueError, match="finetune.lr: auto stands for the method's AdamW lr"):
+        FinetuneParams(client_optimizer="sgd")
+    with pytest.raises(ValueError, match="finetune.client_optimizer: fedkseed trains by zeroth order"):
+        FinetuneParams(method="fedkseed", client_optimizer="sgd", lr=0.1)
+    assert "client_optimizer" not in FinetuneParams().training_key()  # runs cached before the knob resume
+    assert FinetuneParams(client_optimizer="sgd", lr=0.1).training_key()["client_optimizer"] == "sgd"

@@ -358,3 +358,27 @@ def test_the_saved_model_is_the_mean_of_the_last_rounds_global_models(tiny_model
 def test_averaging_rounds_is_refused_where_pairs_cannot_rebuild_the_mean(knobs, message):
     with pytest.raises(ValueError, match=f"finetune.zo.average_rounds: .*{message}"):
         FinetuneParams(**knobs)
+
+
+def test_client_drift_records_each_clients_update_norm_and_loss(tiny_model_dir, sst2_prompts, tmp_path, monkeypatch):
+    """benchmarks/client_drift.py: one round of local work per client from the same global state,
+    per case; every client's loss and update norm (reply minus that state) and per case their r.
+    Plain SGD at a small lr moves a client less than AdamW at the same lr moves it."""
+    import benchmarks.common
+    from benchmarks import client_drift
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    parts, _ = tiny_project(tmp_path, sst2_prompts)
+    client_drift.main(["--model", str(tiny_model_dir), "--partitions", str(parts), "--local-steps", "1",
+                       "--name", "drift_test", "--methods", "fedit", "fedit-sgd", "--set", "fedit:lr=0.01",
+                       "--set", "fedit-sgd:method=fedit", "--set", "fedit-sgd:client_optimizer=sgd",
+                       "--set", "fedit-sgd:lr=0.01"])
+    results = json.loads((tmp_path / "results" / "drift_test.json").read_text())["results"]
+    for case in results.values():
+        assert [c["client"] for c in case["clients"]] == [0, 1, 2, 3]
+        assert all(c["rows"] == 16 and c["loss"] > 0 and 0 <= c["gold_share_negative"] <= 1 for c in case["clients"])
+        assert -1 <= case["pearson_r_norm_loss"] <= 1
+    adam, sgd = ([c["update_norm"] for c in results[k]["clients"]] for k in ("fedit", "fedit-sgd"))
+    assert all(0 < s < a for s, a in zip(sgd, adam))
+    assert (tmp_path / "results" / "drift_test.png").stat().st_size > 10_000

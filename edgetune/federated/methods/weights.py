@@ -1,7 +1,7 @@
 """What every weight-exchanging (PEFT / full) method shares: a client loads the global blocks it
-was sent, trains its trainable set by backprop with AdamW for local_steps, and uploads the new
-values of the blocks it trained (with finetune.proximal_mu, FedProx's proximal term on its
-loss); the server averages them weighted by sample counts (Flower's
+was sent, trains its trainable set by backprop for local_steps (a fresh AdamW, or plain SGD with
+finetune.client_optimizer), and uploads the new values of the blocks it trained (with
+finetune.proximal_mu, FedProx's proximal term on its loss); the server averages them weighted by sample counts (Flower's
 `aggregate`; or folds them by a robust rule, finetune.aggregation) and steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
 
 The global state is a dict of named blocks (trainable parameters, or parts of one). By default
@@ -74,14 +74,14 @@ class WeightMethod(FederatedMethod):
                        {"num_samples": len(data), "loss": loss})
 
     def train_locally(self, model, params: list[torch.Tensor], data: ClientData, rng) -> float:
-        """local_steps of AdamW on `params` only (the rest frozen); returns the mean task loss
-        (without the proximal term)."""
+        """local_steps of the client optimizer on `params` only (the rest frozen); returns the
+        mean task loss (without the proximal term)."""
         chosen = {id(p) for p in params}
         frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
         for p in frozen:
             p.requires_grad_(False)
         model.train()
-        opt = torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
+        opt = self.client_optimizer(params)
         mixed = self.precision if self.precision and self.precision.enabled else None  # model.dtype
         anchor = [p.detach().clone() for p in params] if self.cfg.proximal_mu else None
         losses = []
@@ -102,6 +102,15 @@ class WeightMethod(FederatedMethod):
                 p.requires_grad_(True)
             model.eval()
         return sum(losses) / len(losses)
+
+    def client_optimizer(self, params: list[torch.Tensor]) -> torch.optim.Optimizer:
+        """A fresh optimizer for one client's round (finetune.client_optimizer). AdamW's first
+        steps move every coordinate by about lr whatever the gradient's size; plain SGD, the local
+        solver of FedAvg (McMahan et al., AISTATS 2017), moves in proportion to the gradient, so
+        rows the model already answers well barely pull it."""
+        if self.cfg.client_optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
 
     def proximal_term(self, params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
         """FedProx's mu/2 * ||w - w_global||^2 over the trained tensors, w_global being their
