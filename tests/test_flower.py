@@ -109,7 +109,9 @@ def test_fedit_through_the_prefect_federation_flow_matches_the_local_backend(tin
     import mlflow
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["finetune"].update(finetune_params("fedit", rounds=2))
+    # FedProx and local SGD as well: a knob the ClientApp failed to read from the job record
+    # would train other weights than the local backend does
+    params["finetune"].update(finetune_params("fedit", rounds=2), proximal_mu=1.0, client_optimizer="sgd", lr=0.1)
     params["tracking"]["experiment"] = "federation"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_params(tmp_path / "params.yaml").finetune
