@@ -57,6 +57,15 @@ def case_points(label: str, case: dict, cfg, word: str, label_words) -> list[dic
     return out
 
 
+def kept_cases(previous: Path, cases: dict, methods: list[str] | None) -> dict:
+    """With --methods, the other cases of an earlier label-mix file (still in the run's JSON),
+    so re-running a subset updates those cases and does not drop the rest."""
+    if not methods or not previous.is_file():
+        return {}
+    earlier = json.loads(previous.read_text())["results"]
+    return {k: v for k, v in earlier.items() if k in cases and k not in methods}
+
+
 def correlation(points: list[dict]) -> float | None:
     """Pearson r of predicted share and round gold share (None: too few points or no spread)."""
     import numpy as np
@@ -96,7 +105,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--name", default="tta_qnli", help="the time-to-accuracy run whose cases to read")
     p.add_argument("--params", default="params.yaml", help="the params.yaml the cases were run with")
-    p.add_argument("--methods", nargs="+", metavar="LABEL", help="cases (default: all)")
+    p.add_argument("--methods", nargs="+", metavar="LABEL",
+                   help="cases to (re)compute; the other cases of an earlier results file are kept (default: all)")
     args = p.parse_args(argv)
 
     from benchmarks.common import RESULTS, method_config, parse_overrides, save
@@ -119,7 +129,7 @@ def main(argv=None) -> None:
     finetune = load_params(args.params).finetune
     overrides = parse_overrides(record["params"].get("overrides", "").split())
     words = get_task(record["params"]["task"]).label_words
-    results = {}
+    results = kept_cases(RESULTS / f"{args.name}_label_mix.json", cases, args.methods)
     for label in args.methods or list(cases):
         cfg = method_config(finetune, label, {"num_rounds": record["params"]["rounds"]}, overrides)
         if cfg.spec.centralized:

@@ -214,6 +214,8 @@ def test_time_to_accuracy_goes_on_from_its_last_round_when_given_more(tiny_model
     (tmp_path / "results" / "tta_test.json").write_text(json.dumps(merged))
     label_mix.main(["--name", "tta_test"])
     assert json.loads(mix_file.read_text())["results"]["fedkseed"] == mixed["fedkseed"]
+    label_mix.main(["--name", "tta_test", "--methods", "job"])  # a subset keeps the other cases
+    assert set(json.loads(mix_file.read_text())["results"]) == {"fedkseed", "job", "label"}
     assert (tmp_path / "results" / "tta_test_label_mix.png").stat().st_size > 10_000
 
 
