@@ -19,32 +19,28 @@ Writes results/<name>.{json,png} and an MLflow run in `edgetune-benchmarks`.
 from __future__ import annotations
 
 import argparse
+import statistics
 from pathlib import Path
 
 
 def client_moves(cfg, path, task, clients) -> list[dict]:
     """One round of local work per client from the method's initial global state."""
+    from benchmarks.common import round_label_mix
+    from edgetune.federated.aggregation import update_norm
     from edgetune.federated.engine import client_generator
     from edgetune.federated.protocol import Message
     from edgetune.federated.setup import prepare
-    from edgetune.scoring import metric_word
 
     method, model = prepare(path, task, cfg, len(clients), cfg.sample_rate)
     state = method.init_state(model)
-    word = metric_word(task.label_words[0], 0)
     out = []
     for client in clients:
         reply = method.client_update(model, Message(state), client, client_generator(cfg.seed, 1, client.client_id))
-        norm = sum(((reply.tensors[k].float() - state[k].float()) ** 2).sum() for k in reply.tensors) ** 0.5
+        mix = round_label_mix(clients, [client.client_id], task.label_words)
         out.append({"client": client.client_id, "rows": len(client), "loss": reply.meta["loss"],
-                    "update_norm": float(norm), f"gold_share_{word}": client.targets.count(0) / len(client)})
+                    "update_norm": update_norm([reply.tensors[k] - state[k] for k in reply.tensors]),
+                    **{k.replace("round_", ""): v for k, v in mix.items()}})
     return out
-
-
-def pearson(xs: list[float], ys: list[float]) -> float:
-    import numpy as np
-
-    return float(np.corrcoef(xs, ys)[0, 1])
 
 
 def plot(results: dict, out: Path) -> None:
@@ -86,7 +82,7 @@ def main(argv=None) -> None:
     results = {}
     for label, cfg in configs.items():  # every config validated above, before any training
         moves = client_moves(cfg, path, task, clients)
-        results[label] = {"clients": moves, "pearson_r_norm_loss": pearson(
+        results[label] = {"clients": moves, "pearson_r_norm_loss": statistics.correlation(
             [c["loss"] for c in moves], [c["update_norm"] for c in moves])}
         print(f"{label}: " + ", ".join(f"client {c['client']} loss {c['loss']:.3f} moves {c['update_norm']:.2f}"
                                        for c in moves))

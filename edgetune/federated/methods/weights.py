@@ -1,8 +1,9 @@
 """What every weight-exchanging (PEFT / full) method shares: a client loads the global blocks it
 was sent, trains its trainable set by backprop for local_steps (a fresh AdamW, or plain SGD with
 finetune.client_optimizer), and uploads the new values of the blocks it trained (with
-finetune.proximal_mu, FedProx's proximal term on its loss); the server averages them weighted by sample counts (Flower's
-`aggregate`; or folds them by a robust rule, finetune.aggregation) and steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
+finetune.proximal_mu, FedProx's proximal term on its loss); the server averages them weighted by
+sample counts (Flower's `aggregate`; or folds them by a robust rule, finetune.aggregation) and
+steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
 
 The global state is a dict of named blocks (trainable parameters, or parts of one). By default
 every block goes both ways (FedIT, prompt tuning, BitFit, full fine-tuning); FedSelFT and
