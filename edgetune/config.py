@@ -368,6 +368,9 @@ class FinetuneParams(Section):
     weight_decay: float = Field(0.0, ge=0, description="client weight decay (AdamW's decoupled, SGD's L2)")
     proximal_mu: float = Field(0.0, ge=0, description="FedProx: mu/2 * ||w - w_global||^2 added to each "
                                "local step's loss (weight-exchanging methods; 0 = off, FedAvg)")
+    scaffold: bool = Field(False, description="SCAFFOLD: every local step corrected by the control variates "
+                           "c - c_i (weight-exchanging methods whose clients send every block; "
+                           "doubles the download)")
     max_length: int = Field(64, ge=8, description="prompt tokens kept (truncated from the left)")
     lora: LoraParams = LoraParams()
     prefix: PrefixParams = PrefixParams()
@@ -441,6 +444,8 @@ class FinetuneParams(Section):
         if self.proximal_mu and self.spec.zo:
             raise ValueError(f"finetune.proximal_mu: the proximal term is added to a backprop loss; "
                              f"{self.method} trains by zeroth order (set it to 0)")
+        if self.scaffold:
+            scaffold_fits(self)
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")
@@ -490,8 +495,11 @@ class FinetuneParams(Section):
         """What shapes training, for resume fingerprints: the params and the values their `auto`
         knobs stand for (a changed default must not resume a run made under the old one).
         zo.average_rounds only changes the saved model, so a run resumes across it; proximal_mu
-        at 0 and client_optimizer adamw are left out, so a run made before those knobs resumes."""
+        at 0, client_optimizer adamw and scaffold off are left out, so a run made before those
+        knobs resumes."""
         key = {**self.model_dump(mode="json"), **self.resolved()}
+        if not key["scaffold"]:
+            key.pop("scaffold")
         if not key["proximal_mu"]:
             key.pop("proximal_mu")
         if key["client_optimizer"] == "adamw":
@@ -505,6 +513,23 @@ class FinetuneParams(Section):
     @property
     def server_optimizer(self) -> str:
         return self.spec.server_optimizer if self.server.optimizer == "auto" else self.server.optimizer
+
+
+def scaffold_fits(cfg: FinetuneParams) -> None:
+    """ValueError naming finetune.scaffold when the run cannot keep SCAFFOLD's control variates."""
+    spec = cfg.spec
+    if spec.zo:
+        why = f"{cfg.method} trains by zeroth order (no local gradient steps to correct)"
+    elif spec.partial_replies:
+        why = f"{cfg.method}'s clients train and send only some blocks; use fedit, fedprompt, fedbitfit or fedfull"
+    elif cfg.dp.enabled:
+        why = "the server computes each client's control variate from its own reply, which DP keeps from it"
+    elif cfg.aggregation.rule != "mean":
+        why = (f"control variates come from every reply, so a robust rule ({cfg.aggregation.rule}) "
+               "would not keep an attacker out of them; use rule mean")
+    else:
+        return
+    raise ValueError(f"finetune.scaffold: {why}")
 
 
 def trainable_error(spec: registry.MethodSpec) -> str:

@@ -33,3 +33,27 @@ def federate(model_dir, clients: list[ClientData], cfg: FinetuneParams, task: st
         patch(method)
     state, history = run_federation(method, model, clients, **{**engine_options(cfg, clients), **engine})
     return method, model, state, history
+
+
+def noisy_lora_state(method, model):
+    """The method's initial global state plus small seeded noise: LoRA B starts at zero, and
+    with values every block has a gradient."""
+    import torch
+
+    torch.manual_seed(0)
+    return {k: v + 0.01 * torch.randn_like(v) for k, v in method.init_state(model).items()}
+
+
+def batch_gradients(method, model, state, client: ClientData, rng, batch_size: int = 8) -> list:
+    """Per block, the task loss's gradient at `state` on the batch `rng` draws for `client`
+    (what one local step of plain SGD follows)."""
+    import torch
+
+    from edgetune.federated.methods.weights import sample_batch
+
+    method.load(state)
+    model.train()
+    loss = method.loss(model, *sample_batch(client, batch_size, rng))
+    grads = torch.autograd.grad(loss, list(method.blocks.values()))
+    model.eval()
+    return list(grads)

@@ -183,6 +183,8 @@ CASES = [
          {"finetune": {"lora": {"init": "orthogonal", "r": 5}}}),
     Case("params-sgd-without-lr", "finetune", "finetune.lr: auto stands for the method's AdamW lr",
          key("finetune.client_optimizer", "sgd")),
+    Case("params-scaffold-on-a-zo-method", "finetune", "finetune.scaffold: fedkseed trains by zeroth order",
+         {"finetune": {"method": "fedkseed", "scaffold": True}}),
     Case("params-bad-seed-attack-on-weights", "finetune", "finetune.attack.kind: bad_seed",
          {"finetune": {"attack": {"fraction": 0.5, "kind": "bad_seed"}}}),
     # the memorization audit (edgetune/audit.py): checked before any row is planted

@@ -103,22 +103,14 @@ def test_local_sgd_steps_by_the_gradient_of_the_clients_batch(tiny_model_dir, ss
     """finetune.client_optimizer sgd: one local step is w - lr * grad of the task loss on the batch
     the client's generator draws (plain SGD, FedAvg's local solver), not AdamW's normalized step."""
     from edgetune.federated.engine import client_generator
-    from edgetune.federated.methods.weights import sample_batch
-    from tests.helpers import build
+    from tests.helpers import batch_gradients, build, noisy_lora_state
 
     client = make_clients(sst2_prompts)[0]
     cfg = FinetuneParams(local_steps=1, batch_size=8, lr=0.5, client_optimizer="sgd")
     method, model = build(tiny_model_dir, cfg)
-    state = method.init_state(model)
-    torch.manual_seed(0)  # LoRA B starts at zero: give it values so every block has a gradient
-    state = {k: v + 0.01 * torch.randn_like(v) for k, v in state.items()}
+    state = noisy_lora_state(method, model)
     reply = method.client_update(model, Message(state), client, client_generator(0, 1, 0))
-
-    method.load(state)
-    model.train()
-    loss = method.loss(model, *sample_batch(client, 8, client_generator(0, 1, 0)))
-    grads = torch.autograd.grad(loss, list(method.blocks.values()))
-    model.eval()
+    grads = batch_gradients(method, model, state, client, client_generator(0, 1, 0))
     for (key, p), g in zip(method.blocks.items(), grads):
         torch.testing.assert_close(reply.tensors[key], state[key] - 0.5 * g, atol=1e-6, rtol=1e-5)
     adamw = FinetuneParams(local_steps=1, batch_size=8, lr=0.5)

@@ -55,7 +55,11 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].equal(b[k]) for k in a)
 
 
-def assert_rounds_match(local: list[RoundLog], flower: list[RoundLog], tensors: int, job_bytes: int) -> None:
+def assert_rounds_match(local: list[RoundLog], flower: list[RoundLog], tensors: int, job_bytes: int,
+                        personal: bool = False) -> None:
+    """`personal`: each client also got a personal message as large as the broadcast (SCAFFOLD's
+    correction); Flower sends equal chunks once per message (the first round's all-zero
+    correction costs almost nothing), so only the broadcast half bounds the wire from below."""
     for a, b in zip(local, flower, strict=True):
         assert (a.round, a.clients, a.dropped, a.rejected, a.train_loss) == \
             (b.round, b.clients, b.dropped, b.rejected, b.train_loss)
@@ -68,6 +72,10 @@ def assert_rounds_match(local: list[RoundLog], flower: list[RoundLog], tensors: 
         overhead, sent = HEADERS[0] + HEADERS[1] * tensors, replied + len(b.dropped)
         assert 0 < b.extra["wire_bytes_up"] - replied * b.bytes_up_per_client < replied * overhead
         down = b.extra["wire_bytes_down"] - b.extra["bytes_catchup"]
+        if personal:
+            overhead, broadcast = overhead + HEADERS[0] + HEADERS[1] * tensors, b.bytes_down_per_client / 2
+            assert 0 < down - sent * broadcast and down - sent * b.bytes_down_per_client < sent * (overhead + job_bytes)
+            continue
         assert 0 < down - sent * b.bytes_down_per_client < sent * (overhead + job_bytes)
 
 
@@ -109,9 +117,10 @@ def test_fedit_through_the_prefect_federation_flow_matches_the_local_backend(tin
     import mlflow
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    # FedProx and local SGD as well: a knob the ClientApp failed to read from the job record
-    # would train other weights than the local backend does
-    params["finetune"].update(finetune_params("fedit", rounds=2), proximal_mu=1.0, client_optimizer="sgd", lr=0.1)
+    # FedProx, local SGD and SCAFFOLD as well: a knob the ClientApp failed to read from the job
+    # record, or a personal message it failed to merge, would train other weights than locally
+    params["finetune"].update(finetune_params("fedit", rounds=2), proximal_mu=1.0, client_optimizer="sgd",
+                              lr=0.1, scaffold=True)
     params["tracking"]["experiment"] = "federation"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     cfg = load_params(tmp_path / "params.yaml").finetune
@@ -131,7 +140,7 @@ def test_fedit_through_the_prefect_federation_flow_matches_the_local_backend(tin
     flower = [RoundLog(**h) for h in record["history"]]
     assert same(local_state, flower_state)
     job_bytes = len(cfg.model_copy(update={"backend": "flower"}).model_dump_json())
-    assert_rounds_match(local, flower, len(local_state), job_bytes)
+    assert_rounds_match(local, flower, len(local_state), job_bytes, personal=True)
     assert any(h.dropped for h in flower)
     # the ServerApp logged every round into the flow's MLflow run
     client = mlflow.MlflowClient(uri)

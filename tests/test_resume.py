@@ -156,11 +156,13 @@ def federate(tiny_model_dir, clients, cfg, resume=None, crash_after=None):
 @pytest.mark.parametrize("method, extra", [
     ("fwdllm", {}), ("fedselft", {"selft": {"strategy": "gradient-variance"}}),
     ("fedit", {"dp": {"noise_multiplier": 1.0, "clip": 0.5}}),
+    ("fedit", {"scaffold": True}),
     ("fedkseed-pro", {"dp": {"noise_multiplier": 1.0, "clip": 0.5}, "dropout": 0.3}),
 ])
 def test_every_method_resumes_bit_identically(tiny_model_dir, sst2_prompts, tmp_path, method, extra):
     """The restore path of each method's own state (FwdLLM's direction and n on top of JOB's
-    pairs, FedSelFT's selection, the server optimizer, the DP round counter), in process."""
+    pairs, FedSelFT's selection, the server optimizer, the DP round counter, SCAFFOLD's control
+    variates), in process."""
     import torch
 
     from edgetune.config import FinetuneParams

@@ -1,6 +1,7 @@
 """The round loop, once for every federated method (nanoGPT-style: one loop, commented phases).
 
-Per round: (1) sample clients, (2) broadcast the global state as a serialized message,
+Per round: (1) sample clients, (2) broadcast the global state as a serialized message (plus,
+for a method with per-client state such as SCAFFOLD, each client's own `personal` message),
 (3) each sampled client does its local work and replies with a serialized message,
 (4) the method aggregates the replies into the next global state, (5) checkpoint and log.
 A method (see methods/base.py) only says what a client sends, how the server folds replies,
@@ -93,7 +94,8 @@ class Attempt:
     """One try at a round's local work: who was sampled, who replied, what crossed the wire."""
 
     sampled: list[int]
-    down_size: int
+    down_size: int  # the broadcast, received by every sampled client
+    down_personal: int = 0  # the personal messages' bytes, all sampled clients together
     replied: list[int] = field(default_factory=list)
     replies: list[Message] = field(default_factory=list)
     up_sizes: list[int] = field(default_factory=list)
@@ -105,7 +107,11 @@ class Attempt:
 
     @property
     def bytes(self) -> int:
-        return self.down_size * len(self.sampled) + sum(self.up_sizes)
+        return self.down_size * len(self.sampled) + self.down_personal + sum(self.up_sizes)
+
+    @property
+    def bytes_down_per_client(self) -> float:
+        return self.down_size + self.down_personal / len(self.sampled)
 
 
 def sample_clients(rng: np.random.Generator, num_clients: int, rate: float) -> list[int]:
@@ -130,6 +136,24 @@ def round_generator(seed: int, round_: int, attempt: int) -> np.random.Generator
 def drop_out(rng: np.random.Generator, sampled: list[int], p: float) -> set[int]:
     """The sampled clients that drop out after the broadcast, each with probability p."""
     return {cid for cid, u in zip(sampled, rng.random(len(sampled))) if u < p}
+
+
+def received(down: bytes, personal: bytes | None) -> Message:
+    """What a client decodes: the broadcast, with its personal tensors (if any) merged in."""
+    msg = from_bytes(down)
+    if personal:
+        msg.tensors.update(from_bytes(personal).tensors)
+    return msg
+
+
+def personal_messages(method, sampled: list[int]) -> dict[int, bytes]:
+    """Each sampled client's own message (method.personal), serialized; {} for most methods."""
+    out = {}
+    for cid in sampled:
+        msg = method.personal(cid)
+        if msg is not None:
+            out[cid] = to_bytes(msg)
+    return out
 
 
 def client_reply(method, model, down: Message, data: ClientData, seed: int, round_: int,
@@ -159,13 +183,16 @@ class LocalClients:
     def __len__(self) -> int:
         return len(self.data)
 
-    def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int]) -> Attempt:
-        """Local work of every sampled client that stays. A client whose update raises is dropped
-        from the round with a warning (bad input still stops the run); it sends nothing. With an
-        `attack` (attacks.Attack), malicious clients corrupt their reply before sending it."""
+    def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int],
+            personal: dict[int, bytes] | None = None) -> Attempt:
+        """Local work of every sampled client that stays, on the broadcast `down` and its own
+        `personal` message. A client whose update raises is dropped from the round with a
+        warning (bad input still stops the run); it sends nothing. With an `attack`
+        (attacks.Attack), malicious clients corrupt their reply before sending it."""
         from edgetune.devices import metered
 
-        attempt = Attempt(sampled, len(down))
+        personal = personal or {}
+        attempt = Attempt(sampled, len(down), sum(len(personal.get(c, b"")) for c in sampled))
         device = next(self.model.parameters()).device
         for cid in sampled:
             if cid in dropouts:
@@ -173,8 +200,8 @@ class LocalClients:
                 continue
             try:
                 with metered(device, attempt.extra):  # CUDA: the client step's peak GPU memory
-                    reply = client_reply(self.method, self.model, from_bytes(down), self.data[cid],
-                                         self.seed, round_, cid, self.attack)
+                    reply = client_reply(self.method, self.model, received(down, personal.get(cid)),
+                                         self.data[cid], self.seed, round_, cid, self.attack)
                 wire = to_bytes(reply)
             except BadInput:
                 raise
@@ -197,11 +224,14 @@ class LocalClients:
 def screen(method, attempt: Attempt, down: Message, round_: int) -> None:
     """Keep only the replies `method` can aggregate (method.reply_problem, validation.py): a
     malformed one is logged with its client and reason and left out of the round; the bytes
-    it cost stay metered."""
+    it cost stay metered. A kept reply is stamped with the client it came from (meta
+    client_id, the server's knowledge, not the client's claim) for methods with per-client
+    state."""
     kept = []
     for cid, reply in zip(attempt.replied, attempt.replies):
         problem = method.reply_problem(reply, down)
         if problem is None:
+            reply.meta["client_id"] = cid
             kept.append((cid, reply))
             continue
         LOG.warning("round %d: reply of client %d rejected: %s", round_, cid, problem)
@@ -295,12 +325,13 @@ def run_federation(method, model, clients, *, num_rounds: int,
             round_rng = round_generator(seed, rnd, attempt)
             # 1) sample this round's clients (a retry samples afresh from the round's own RNG)
             sampled = sample_clients(round_rng if attempt else rng, len(clients), sample_rate)
-            # 2) broadcast: every sampled client decodes the same bytes
+            # 2) broadcast: every sampled client decodes the same bytes (and its own, if any)
             sent = method.downlink(state)
             down = to_bytes(sent)
+            personal = personal_messages(method, sampled)
             # 3) local work on each client that stays; only the serialized reply reaches the
             #    server, which drops a malformed one before it can reach aggregation
-            tries.append(clients.run(sampled, down, rnd, drop_out(round_rng, sampled, dropout)))
+            tries.append(clients.run(sampled, down, rnd, drop_out(round_rng, sampled, dropout), personal))
             screen(method, tries[-1], sent, rnd)
             if len(tries[-1].replies) >= min_clients:
                 break
@@ -318,7 +349,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
             round=rnd, clients=done.replied,
             train_loss=float((weights * losses).sum() / weights.sum()),
             bytes_up_per_client=float(np.mean(done.up_sizes)),
-            bytes_down_per_client=float(done.down_size),
+            bytes_down_per_client=float(done.bytes_down_per_client),
             seconds=time.perf_counter() - t0,
             dropped=[cid for t in tries for cid in t.dropped],
             rejected=[cid for t in tries for cid in t.rejected],

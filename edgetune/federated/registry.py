@@ -23,7 +23,8 @@ class MethodSpec:
     """One method. `lr`: client AdamW learning rate when finetune.lr is auto (None: zeroth
     order, zo.lr). `trainables`: the sets finetune.trainable may name (default: its own only).
     `shares_seeds` False: clients' updates have no common coordinates (no robust rule but
-    clipping, no DP noise on a sum)."""
+    clipping, no DP noise on a sum). `partial_replies`: a client trains and sends only some of
+    the blocks (FedSelFT's layers, FedPepTAO's prefixes)."""
 
     name: str
     family: Family
@@ -34,6 +35,7 @@ class MethodSpec:
     shares_seeds: bool = True
     flower: bool = True  # runs on finetune.backend flower
     server_optimizer: str = "fedavg"  # finetune.server.optimizer auto
+    partial_replies: bool = False
 
     def __post_init__(self):
         if (self.lr is None) == (self.family == "weights"):
@@ -62,6 +64,8 @@ class MethodSpec:
         module, _, cls_name = self.impl.partition(":")
         cls = getattr(import_module(module), cls_name)
         cls.name, cls.centralized = self.name, self.centralized
+        if self.family == "weights":
+            cls.partial_replies = self.partial_replies
         return cls
 
 
@@ -130,10 +134,10 @@ for _spec in (
     # PEFT / full: weights travel
     MethodSpec("fedit", "weights", "lora", _M + "fedit:FedIT", lr=1e-3),
     MethodSpec("fedpeptao", "weights", "prefix", _M + "fedpeptao:FedPepTAO", lr=2e-3,
-               server_optimizer="fedavgm"),
+               server_optimizer="fedavgm", partial_replies=True),
     MethodSpec("fedprompt", "weights", "prompt", _M + "fedprompt:FedPrompt", lr=1e-2),
     MethodSpec("fedbitfit", "weights", "bitfit", _M + "fedbitfit:FedBitFit", lr=1e-3),
-    MethodSpec("fedselft", "weights", "layers", _M + "fedselft:FedSelFT", lr=3e-5),
+    MethodSpec("fedselft", "weights", "layers", _M + "fedselft:FedSelFT", lr=3e-5, partial_replies=True),
     MethodSpec("fedfull", "weights", "full", _M + "fedfull:FedFull", lr=3e-5),
     # MEFT: seeds and scalars travel
     MethodSpec("mezo", "centralized", "full", _M + "mezo:MeZO", trainables=TRAINABLE_SETS,

@@ -47,7 +47,8 @@ def centralize(clients: list[ClientData], cfg: FinetuneParams):
 def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_rate: float,
             runtime: ModelParams | None = None):
     """(method, model) ready for the engine: the base model wrapped for the method (adapters
-    seeded by finetune.seed), with finetune.dp's Gaussian mechanism attached when on.
+    seeded by finetune.seed), with finetune.dp's Gaussian mechanism and finetune.scaffold's
+    control variates attached when on.
     The one place a federated model gets its device and precision (runtime: model.device and
     model.dtype; None = CPU float32): placed after the method wrapped it (peft's new weights
     move with it); backprop methods keep float32 weights under autocast (method.precision),
@@ -58,6 +59,7 @@ def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_
     from edgetune.devices import MixedPrecision, resolve, torch_dtype
     from edgetune.federated.methods import build_method
     from edgetune.federated.privacy import GaussianMechanism
+    from edgetune.federated.scaffold import ControlVariates
     from edgetune.models import load_hf
 
     runtime = runtime or ModelParams(device="cpu")
@@ -74,6 +76,8 @@ def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_
     if cfg.dp.enabled:
         method.privacy = GaussianMechanism(cfg.dp, cfg.seed, clients_per_round(num_clients, sample_rate),
                                            num_clients)
+    if cfg.scaffold:
+        method.scaffold = ControlVariates(num_clients, cfg.local_steps, cfg.client_lr)
     return method, model
 
 

@@ -33,7 +33,7 @@ from edgetune.config import BadInput, FinetuneParams
 from edgetune.devices import peak_rss_mb
 from edgetune.federated.engine import client_reply
 from edgetune.federated.flower.records import from_records, put, take, to_records, versions
-from edgetune.federated.flower.transport import HISTORY, JOB, NODE
+from edgetune.federated.flower.transport import HISTORY, JOB, NODE, PERSONAL
 
 app = ClientApp()
 KEPT = "broadcast"  # context.state: broadcast/<round>/{tensors,meta}, every broadcast this node saw
@@ -51,6 +51,8 @@ def train(msg: FlowerMessage, context: Context) -> FlowerMessage:
     """One client's local work on the broadcast in `msg`."""
     job = msg.content[JOB]
     down = from_records(msg.content)
+    if f"{PERSONAL}/tensors" in msg.content:  # this client's own tensors (method.personal)
+        down.tensors.update(take(msg.content, PERSONAL).tensors)
     version = int(down.meta.get("round", int(job["round"]) - 1))
     if job["drop"]:  # a simulated dropout (finetune.dropout): got the broadcast, sends nothing
         return FlowerMessage(RecordDict({NODE: ConfigRecord({"synced": 0, "dropped": True})}), reply_to=msg)

@@ -1,7 +1,8 @@
 """FlowerClients: the engine's pool of clients (engine.LocalClients' interface) over Flower.
 
 Each sampled client gets one Flower Message, addressed to the SuperNode that owns its
-partition: the round's broadcast as records (records.py) and a `job` ConfigRecord (client id,
+partition: the round's broadcast as records (records.py), the client's personal message if the
+method has one (SCAFFOLD's correction, under `personal/`), and a `job` ConfigRecord (client id,
 round, the finetune params, whether the client drops out). The ClientApp (clientapp.py) runs
 the method's client_update and replies with the method's reply as records. A reply with an
 error, or none before `round_timeout`, drops the client from the round, as a local client
@@ -33,6 +34,7 @@ from edgetune.federated.protocol import Message, from_bytes, to_bytes
 JOB, NODE = "job", "node"
 HELLO, TRAIN = "query.clients", "train"
 HISTORY = "history"  # catch-up records in a train message
+PERSONAL = "personal"  # the client's own records in a train message (method.personal)
 POLL_S = 0.2
 
 
@@ -90,32 +92,39 @@ class FlowerClients:
         return self.job.num_clients
 
     # ----------------------------------------------------------------- one round
-    def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int]) -> Attempt:
-        """Send each sampled client its broadcast, wait for the replies, and account for them as
-        LocalClients.run does (a dropout, an error or no reply leaves the client out)."""
+    def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int],
+            personal: dict[int, bytes] | None = None) -> Attempt:
+        """Send each sampled client its broadcast (and its `personal` message), wait for the
+        replies, and account for them as LocalClients.run does (a dropout, an error or no reply
+        leaves the client out)."""
         broadcast = from_bytes(down)
         version = int(broadcast.meta.get("round", round_ - 1))
         if self.replays:
             self.broadcasts[version] = broadcast
-        msgs, catchup = zip(*[self.train_message(cid, broadcast, version, round_, cid in dropouts)
-                              for cid in sampled])
+        personal = personal or {}
+        msgs, catchup = zip(*[self.train_message(cid, broadcast, version, round_, cid in dropouts,
+                                                 personal.get(cid)) for cid in sampled])
         replies, _ = self.exchange(list(msgs), timeout=self.job.round_timeout)
-        attempt = self.collect(Attempt(sampled, len(down)), replies, round_, dropouts)
+        own = sum(len(personal.get(c, b"")) for c in sampled)
+        attempt = self.collect(Attempt(sampled, len(down), own), replies, round_, dropouts)
         attempt.extra.update({"wire_bytes_down": float(sum(wire_size(m) for m in msgs)),
                               "bytes_catchup": float(sum(catchup))})
         return attempt
 
     def train_message(self, cid: int, broadcast: Message, version: int, round_: int,
-                      drop: bool) -> tuple[FlowerMessage, int]:
+                      drop: bool, personal: bytes | None = None) -> tuple[FlowerMessage, int]:
         """(the message to client `cid`'s node, the bytes of the catch-up records it carries)."""
         node = self.node_of[cid]
         history = catchup_records(self.broadcasts, self.missed(node, version))
+        own: dict = {}
+        if personal:
+            put(own, PERSONAL, from_bytes(personal))
         job = ConfigRecord({"client": cid, "round": round_, "task": self.job.task, "drop": drop,
                             "finetune": json.dumps(self.job.finetune, sort_keys=True),
                             "runtime": json.dumps(self.job.runtime, sort_keys=True),
                             "num_clients": self.job.num_clients,
                             **{k: v for k, v in self.job.extra.items() if k.startswith("sim_")}})
-        msg = FlowerMessage(to_records(broadcast, **{JOB: job}, **history), dst_node_id=node,
+        msg = FlowerMessage(to_records(broadcast, **{JOB: job}, **history, **own), dst_node_id=node,
                             message_type=TRAIN, group_id=str(round_))
         return msg, sum(wire_size(r) for r in history.values())
 

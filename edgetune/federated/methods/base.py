@@ -60,6 +60,11 @@ class FederatedMethod(ABC):
     def expected_reply(self, down: Message) -> validation.Expected:
         """The tensors (name -> shape, dtype) a client may send in reply to `down`."""
 
+    def personal(self, client_id: int) -> Message | None:
+        """Tensors for one sampled client only, sent beside the broadcast and merged into it on
+        the client (SCAFFOLD's correction, scaffold.py); None: the broadcast is all it gets."""
+        return None
+
     def required_reply(self, down: Message) -> tuple[str, ...]:
         """The tensors every reply to `down` must carry (default: all it may send)."""
         return tuple(self.expected_reply(down))

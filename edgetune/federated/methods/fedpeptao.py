@@ -36,7 +36,6 @@ SELECTED = "_selected"  # control tensor: indices of the layers whose prefixes t
 class FedPepTAO(WeightMethod):
     control_keys = (SELECTED,)
     side_tensors = ("_curvature", "_correlation")  # the scoring round's layer scores
-    partial_replies = True
 
     def prepare_model(self, model):
         model = super().prepare_model(model)

@@ -28,7 +28,6 @@ RANKING = "_ranking"  # control tensor in the state / downlink, not a weight blo
 class FedSelFT(WeightMethod):
     control_keys = (RANKING,)
     side_tensors = ("_layer_sq_norms",)  # gradient-variance probe, round 1
-    partial_replies = True
 
     def prepare_model(self, model):
         model = super().prepare_model(model)

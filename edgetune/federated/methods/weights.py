@@ -1,7 +1,8 @@
 """What every weight-exchanging (PEFT / full) method shares: a client loads the global blocks it
 was sent, trains its trainable set by backprop for local_steps (a fresh AdamW, or plain SGD with
 finetune.client_optimizer), and uploads the new values of the blocks it trained (with
-finetune.proximal_mu, FedProx's proximal term on its loss); the server averages them weighted by
+finetune.proximal_mu, FedProx's proximal term on its loss; with finetune.scaffold, each step
+corrected by SCAFFOLD's control variates, scaffold.py); the server averages them weighted by
 sample counts (Flower's `aggregate`; or folds them by a robust rule, finetune.aggregation) and
 steps its optimizer (server_opt.py: FedAvg, FedAvgM, FedAdam).
 
@@ -23,6 +24,7 @@ from edgetune.federated.aggregation import mean_per_key, robust_blocks
 from edgetune.federated.engine import ClientData
 from edgetune.federated.methods.base import FederatedMethod
 from edgetune.federated.protocol import Message
+from edgetune.federated.scaffold import PREFIX as CORRECTION
 from edgetune.federated.server_opt import ServerOptimizer
 from edgetune.federated.trainable import prepare_trainable, trainable_blocks
 
@@ -35,7 +37,8 @@ def sample_batch(data: ClientData, batch_size: int, rng: torch.Generator):
 class WeightMethod(FederatedMethod):
     control_keys: tuple[str, ...] = ()  # small non-weight tensors of the state that go down too
     side_tensors: tuple[str, ...] = ()  # small 1-D float tensors a reply may add (e.g. layer scores)
-    partial_replies = False  # True: a client sends only the blocks it trained (FedSelFT, FedPepTAO)
+    partial_replies = False  # True: a client sends only the blocks it trained (registry.MethodSpec)
+    scaffold = None  # scaffold.ControlVariates when finetune.scaffold is on (set by setup.prepare)
 
     def prepare_model(self, model):
         model = prepare_trainable(model, self.cfg.trainable_set, self.cfg, self.tok)
@@ -56,6 +59,9 @@ class WeightMethod(FederatedMethod):
         control = {k: state[k] for k in self.control_keys if k in state}
         return Message({**{k: state[k] for k in self.down_keys(state)}, **control})
 
+    def personal(self, client_id):
+        return self.scaffold.correction(client_id, self.blocks) if self.scaffold else None
+
     @torch.no_grad()
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
         for key, p in self.blocks.items():
@@ -70,13 +76,16 @@ class WeightMethod(FederatedMethod):
 
     def client_update(self, model, down, data, rng):
         self.load(down.tensors)
-        loss = self.train_locally(model, list(self.blocks.values()), data, rng)
+        correction = [down.tensors[CORRECTION + k] for k in self.blocks] if self.cfg.scaffold else None
+        loss = self.train_locally(model, list(self.blocks.values()), data, rng, correction)
         return Message({k: p.detach().clone() for k, p in self.blocks.items()},
                        {"num_samples": len(data), "loss": loss})
 
-    def train_locally(self, model, params: list[torch.Tensor], data: ClientData, rng) -> float:
-        """local_steps of the client optimizer on `params` only (the rest frozen); returns the
-        mean task loss (without the proximal term)."""
+    def train_locally(self, model, params: list[torch.Tensor], data: ClientData, rng,
+                      correction: list[torch.Tensor] | None = None) -> float:
+        """local_steps of the client optimizer on `params` only (the rest frozen), each step
+        followed by SCAFFOLD's shift -lr * (c - c_i) when `correction` (one tensor per param)
+        is given; returns the mean task loss (without the proximal term)."""
         chosen = {id(p) for p in params}
         frozen = [p for p in model.parameters() if p.requires_grad and id(p) not in chosen]
         for p in frozen:
@@ -97,6 +106,8 @@ class WeightMethod(FederatedMethod):
                 else:
                     total.backward()
                     opt.step()
+                if correction is not None:
+                    self.correct(params, correction)
                 losses.append(loss.item())
         finally:  # also when the client fails: the next one finds the model as it was
             for p in frozen:
@@ -112,6 +123,12 @@ class WeightMethod(FederatedMethod):
         if self.cfg.client_optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=self.cfg.client_lr, weight_decay=self.cfg.weight_decay)
+
+    @torch.no_grad()
+    def correct(self, params: list[torch.Tensor], correction: list[torch.Tensor]) -> None:
+        """SCAFFOLD's control-variate step y <- y - lr * (c - c_i) (scaffold.py)."""
+        for p, c in zip(params, correction):
+            p.sub_(self.cfg.client_lr * c.to(p.device, p.dtype))
 
     def proximal_term(self, params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
         """FedProx's mu/2 * ||w - w_global||^2 over the trained tensors, w_global being their
@@ -135,14 +152,20 @@ class WeightMethod(FederatedMethod):
         return robust_blocks(self.cfg.aggregation, state, replies)
 
     def aggregate(self, state, replies):
-        return self.server.step(state, self.client_mean(state, replies))
+        new = self.server.step(state, self.client_mean(state, replies))
+        if self.scaffold:
+            self.scaffold.update(state, replies)
+        return new
 
     def checkpoint_state(self):
-        return {**super().checkpoint_state(), "server": self.server.state_dict()}
+        saved = {**super().checkpoint_state(), "server": self.server.state_dict()}
+        return {**saved, "scaffold": self.scaffold.state_dict()} if self.scaffold else saved
 
     def restore(self, model, state, saved):
         super().restore(model, state, saved)
         self.server.load_state_dict({k: state[k] for k in self.blocks}, saved["server"])
+        if self.scaffold:
+            self.scaffold.load_state_dict(saved["scaffold"])
 
     def apply_global(self, model, state):
         self.load(state)
