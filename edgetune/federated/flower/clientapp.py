@@ -10,9 +10,10 @@ In the Simulation Engine a virtual node has no such config: its client id is its
 and the folders come with the message (simulation.py).
 
 Per message the ClientApp builds the method exactly as the local engine does (setup.prepare:
-same seeded adapters), loads the client's partition, brings a seed-scalar model up to date by
-replaying the broadcasts this node kept in its context state plus the ones the server sent to
-catch up, and runs the engine's client step (engine.client_reply: the method's client_update
+same seeded adapters), merges the client's personal records into the broadcast (SCAFFOLD's
+correction, when the method sends one), loads the client's partition, brings a seed-scalar
+model up to date by replaying the broadcasts this node kept in its context state plus the ones
+the server sent to catch up, and runs the engine's client step (engine.client_reply: the method's client_update
 with the client's RNG for the round, from seed, round and client alone, then finetune.attack's
 corruption if the client is malicious). So the reply is bit for bit the local engine's. A worker
 (method + model) is cached per process: Flower's deployment starts a process per message, the
