@@ -55,12 +55,12 @@ def test_control_variates_follow_option_two_and_c_stays_the_mean_of_every_c_i(ti
     taken_part = {c for h in history for c in h.clients}
     assert set(cv.clients) == taken_part
     only_first = [c for c in history[0].clients if all(c not in h.clients for h in history[1:])]
+    assert only_first, "the seed samples no client in round 1 only; pick another"
     for cid in only_first:
         x, y = first[cid]
         for key in x:
             expected = (x[key] - y.tensors[key]) / (cfg.local_steps * cfg.client_lr)
             torch.testing.assert_close(cv.clients[cid][key], expected, atol=1e-5, rtol=1e-5)
-    assert only_first, "the seed samples no client in round 1 only; pick another"
 
 
 def test_scaffold_doubles_the_download_not_the_upload_and_changes_training(tiny_model_dir, sst2_prompts):

@@ -16,5 +16,7 @@ from edgetune.federated.methods.weights import WeightMethod
 class FedIT(WeightMethod):
     def export(self, model, state, out_dir):
         self.apply_global(model, state)
+        for config in model.peft_config.values():  # peft keeps a set, saved in the process's hash
+            config.target_modules = sorted(config.target_modules)  # order: DVC saw a changed file
         model.save_pretrained(Path(out_dir) / "adapter")  # the adapter alone, as peft saves it
         super().export(model, state, out_dir)

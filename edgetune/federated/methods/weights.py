@@ -76,7 +76,9 @@ class WeightMethod(FederatedMethod):
 
     def client_update(self, model, down, data, rng):
         self.load(down.tensors)
-        correction = [down.tensors[CORRECTION + k] for k in self.blocks] if self.cfg.scaffold else None
+        correction = None
+        if self.cfg.scaffold:  # c - c_i per block, moved to the block's device once per round
+            correction = [down.tensors[CORRECTION + k].to(p.device, p.dtype) for k, p in self.blocks.items()]
         loss = self.train_locally(model, list(self.blocks.values()), data, rng, correction)
         return Message({k: p.detach().clone() for k, p in self.blocks.items()},
                        {"num_samples": len(data), "loss": loss})
@@ -126,9 +128,10 @@ class WeightMethod(FederatedMethod):
 
     @torch.no_grad()
     def correct(self, params: list[torch.Tensor], correction: list[torch.Tensor]) -> None:
-        """SCAFFOLD's control-variate step y <- y - lr * (c - c_i) (scaffold.py)."""
+        """SCAFFOLD's control-variate step y <- y - lr * (c - c_i) (scaffold.py); `correction`
+        is on the params' device and dtype."""
         for p, c in zip(params, correction):
-            p.sub_(self.cfg.client_lr * c.to(p.device, p.dtype))
+            p.sub_(c, alpha=self.cfg.client_lr)
 
     def proximal_term(self, params: list[torch.Tensor], anchor: list[torch.Tensor]) -> torch.Tensor:
         """FedProx's mu/2 * ||w - w_global||^2 over the trained tensors, w_global being their
