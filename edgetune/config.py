@@ -327,6 +327,16 @@ class PrivacyParams(Section):
         return self.noise_multiplier > 0
 
 
+class SecAggParams(Section):
+    """Secure aggregation (edgetune/federated/secagg.py): clients mask their replies with pairwise
+    masks that cancel in the sum, so the server learns only the round's weighted mean update."""
+
+    enabled: bool = Field(False, description="mask every reply; the server sees only the sum "
+                          "(weight-exchanging methods whose clients send every block, rule mean)")
+    clip: float = Field(1.0, gt=0, le=64, description="largest magnitude of one coordinate of a "
+                        "client's update (larger ones are clamped before the fixed-point encoding)")
+
+
 class FlowerParams(Section):
     """finetune.backend: flower (edgetune/federated/flower/): the same methods as a Flower
     ServerApp / ClientApp, on a SuperLink with SuperNodes, or Flower's Simulation Engine."""
@@ -391,6 +401,7 @@ class FinetuneParams(Section):
     aggregation: AggregationParams = AggregationParams()
     attack: AttackParams = AttackParams()
     dp: PrivacyParams = PrivacyParams()
+    secagg: SecAggParams = SecAggParams()
     backend: Literal["local", "flower"] = Field(
         "local", description="local: every client simulated in this process | flower: a Flower "
         "ServerApp and ClientApps (finetune.flower)")
@@ -446,6 +457,8 @@ class FinetuneParams(Section):
                              f"{self.method} trains by zeroth order (set it to 0)")
         if self.scaffold:
             scaffold_fits(self)
+        if self.secagg.enabled:
+            secagg_fits(self)
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")
@@ -495,9 +508,11 @@ class FinetuneParams(Section):
         """What shapes training, for resume fingerprints: the params and the values their `auto`
         knobs stand for (a changed default must not resume a run made under the old one).
         zo.average_rounds only changes the saved model, so a run resumes across it; proximal_mu
-        at 0, client_optimizer adamw and scaffold off are left out, so a run made before those
-        knobs resumes."""
+        at 0, client_optimizer adamw, scaffold off and secagg off are left out, so a run made
+        before those knobs resumes."""
         key = {**self.model_dump(mode="json"), **self.resolved()}
+        if not key["secagg"]["enabled"]:
+            key.pop("secagg")
         if not key["scaffold"]:
             key.pop("scaffold")
         if not key["proximal_mu"]:
@@ -515,21 +530,42 @@ class FinetuneParams(Section):
         return self.spec.server_optimizer if self.server.optimizer == "auto" else self.server.optimizer
 
 
+def every_block_problem(cfg: FinetuneParams) -> str | None:
+    """Why cfg's clients do not reply with every trained block's weights (None when they do):
+    what SCAFFOLD and secure aggregation both need."""
+    if cfg.spec.zo:
+        return f"{cfg.method} trains by zeroth order (its clients send seeds and scalars, not weights)"
+    if cfg.spec.partial_replies:
+        return f"{cfg.method}'s clients train and send only some blocks; use fedit, fedprompt, fedbitfit or fedfull"
+    return None
+
+
 def scaffold_fits(cfg: FinetuneParams) -> None:
     """ValueError naming finetune.scaffold when the run cannot keep SCAFFOLD's control variates."""
-    spec = cfg.spec
-    if spec.zo:
-        why = f"{cfg.method} trains by zeroth order (no local gradient steps to correct)"
-    elif spec.partial_replies:
-        why = f"{cfg.method}'s clients train and send only some blocks; use fedit, fedprompt, fedbitfit or fedfull"
-    elif cfg.dp.enabled:
+    why = every_block_problem(cfg)
+    if why is None and cfg.dp.enabled:
         why = "the server computes each client's control variate from its own reply, which DP keeps from it"
-    elif cfg.aggregation.rule != "mean":
+    elif why is None and cfg.aggregation.rule != "mean":
         why = (f"control variates come from every reply, so a robust rule ({cfg.aggregation.rule}) "
                "would not keep an attacker out of them; use rule mean")
-    else:
-        return
-    raise ValueError(f"finetune.scaffold: {why}")
+    if why:
+        raise ValueError(f"finetune.scaffold: {why}")
+
+
+def secagg_fits(cfg: FinetuneParams) -> None:
+    """ValueError naming finetune.secagg when the server needs more than the sum of the replies."""
+    why = every_block_problem(cfg)
+    if why is None and cfg.scaffold:
+        why = "SCAFFOLD computes each client's control variate from its own reply, which the masks hide"
+    elif why is None and cfg.dp.enabled:
+        why = "DP clips each client's update on the server, which sees only the masked sum"
+    elif why is None and cfg.aggregation.rule != "mean":
+        why = f"a robust rule ({cfg.aggregation.rule}) compares the clients' replies, which the masks hide"
+    elif why is None and cfg.min_clients < 2:
+        why = ("the sum of one reply is that client's update; set finetune.min_clients to 2 or more "
+               "(the fewest clients whose mean the server may learn)")
+    if why:
+        raise ValueError(f"finetune.secagg: {why}")
 
 
 def trainable_error(spec: registry.MethodSpec) -> str:

@@ -185,6 +185,8 @@ CASES = [
          key("finetune.client_optimizer", "sgd")),
     Case("params-scaffold-on-a-zo-method", "finetune", "finetune.scaffold: fedkseed trains by zeroth order",
          {"finetune": {"method": "fedkseed", "scaffold": True}}),
+    Case("params-secagg-with-one-client-minimum", "finetune", "finetune.secagg: the sum of one reply",
+         {"finetune": {"secagg": {"enabled": True}}}),
     Case("params-bad-seed-attack-on-weights", "finetune", "finetune.attack.kind: bad_seed",
          {"finetune": {"attack": {"fraction": 0.5, "kind": "bad_seed"}}}),
     # the memorization audit (edgetune/audit.py): checked before any row is planted

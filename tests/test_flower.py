@@ -98,6 +98,25 @@ def test_keyed_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_
     assert (tmp_path / "flower" / "merged" / "config.json").is_file()
 
 
+def test_fedit_with_secure_aggregation_on_the_deployment_engine_matches_the_local_backend(
+        tiny_model_dir, partitions, tmp_path):
+    """finetune.secagg: each SuperNode registers a key per client at the hello, its ClientApps
+    mask the replies, and the replying clients' nodes reveal their pair seeds with a client that
+    dropped out. The unmasked sums are integers, so the global state is the local backend's bit
+    for bit."""
+    raw = {**finetune_params("fedit", rounds=2), "sample_rate": 0.75, "min_clients": 2,
+           "secagg": {"enabled": True}}
+    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
+    cfg = FinetuneParams(**raw, backend="flower")
+    _, flower, flower_state = run(tiny_model_dir, partitions, tmp_path / "flower", cfg)
+    assert same(local_state, flower_state)
+    assert_rounds_match(local, flower, len(local_state), len(cfg.model_dump_json()))
+    recovered = [h for h in flower if h.dropped and len(h.clients) >= 2]
+    assert recovered, "the seed drops no client from a round that still aggregates; pick another"
+    assert all(h.extra["bytes_secagg_recovery"] == l.extra["bytes_secagg_recovery"] > 0
+               for h, l in zip(flower, local) if h in recovered)
+
+
 def test_loopback_processes_allow_late_heartbeats():
     """On a busy machine a task's heartbeat may come late: the SuperLink and SuperNodes started
     on loopback start as Flower's own CLIs but fail a task only after LOOPBACK_PATIENCE x 30 s."""

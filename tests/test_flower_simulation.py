@@ -21,3 +21,16 @@ def test_simulation_engine_matches_the_local_backend(tiny_model_dir, partitions,
     assert same(local_state, sim_state)
     assert [(h.clients, h.train_loss) for h in local] == [(h.clients, h.train_loss) for h in sim]
     assert summary["backend"] == "flower-simulation"
+
+
+def test_secure_aggregation_on_the_simulation_engine_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
+    """A virtual node learns its partition's folder from the server's hello (finetune.secagg
+    registers each client's sample count there); a dropped client's masks are recovered."""
+    pytest.importorskip("ray")
+    raw = {**finetune_params("fedit", rounds=2), "sample_rate": 0.75, "min_clients": 2, "secagg": {"enabled": True}}
+    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
+    cfg = FinetuneParams(**{**raw, "flower": {**raw["flower"], "simulation": True}}, backend="flower")
+    _, sim, sim_state = run(tiny_model_dir, partitions, tmp_path / "sim", cfg)
+    assert same(local_state, sim_state)
+    assert [(h.clients, h.dropped, h.train_loss) for h in local] == [(h.clients, h.dropped, h.train_loss) for h in sim]
+    assert sim[0].dropped and sim[0].extra["bytes_secagg_recovery"] > 0

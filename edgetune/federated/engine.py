@@ -21,6 +21,11 @@ server drops a malformed reply (wrong tensors, shapes, dtypes, NaN, impossible s
 validation.py) before step 4, and robust rules (aggregation.py) act inside each method's
 aggregate in step 4.
 
+Secure aggregation (secagg.py, finetune.secagg): the broadcast also names the sampled clients'
+public keys and weights, each client masks its reply, the server checks only each masked
+vector's form in step 3 and, in step 4, aggregates the one reply their sum stands for (after
+the replying clients reveal their masks with any silent one).
+
 Resume (resume.py): with a ResumeFolder, every round also saves what the next rounds depend
 on (with the pool's own state: Flower's broadcasts kept for catch-up), and a run finding a saved round restores it and goes on from the next one, bit-identical
 to a run never stopped.
@@ -40,6 +45,7 @@ from tqdm.auto import tqdm
 
 from edgetune.config import BadInput, RunFailed, clients_per_round
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
+from edgetune.federated.secagg import SecureAggregation, mask, new_key, public_bytes, reveal
 
 LOG = logging.getLogger(__name__)
 ROUND_STREAM = 0x5EED_D0  # keeps the round generator's entropy apart from the clients'
@@ -96,6 +102,7 @@ class Attempt:
     sampled: list[int]
     down_size: int  # the broadcast, received by every sampled client
     down_personal: int = 0  # the personal messages' bytes, all sampled clients together
+    recovery: int = 0  # secure aggregation's recovery round trip (secagg.py), both ways
     replied: list[int] = field(default_factory=list)
     replies: list[Message] = field(default_factory=list)
     up_sizes: list[int] = field(default_factory=list)
@@ -107,7 +114,7 @@ class Attempt:
 
     @property
     def bytes(self) -> int:
-        return self.down_size * len(self.sampled) + self.down_personal + sum(self.up_sizes)
+        return self.down_size * len(self.sampled) + self.down_personal + sum(self.up_sizes) + self.recovery
 
     @property
     def bytes_down_per_client(self) -> float:
@@ -177,8 +184,10 @@ class LocalClients:
     pool of clients only through `len()` and `run()`; flower/transport.py's FlowerClients is
     the same interface over Flower SuperNodes."""
 
-    def __init__(self, method, model, data: list[ClientData], seed: int, attack=None):
+    def __init__(self, method, model, data: list[ClientData], seed: int, attack=None, secagg=None):
         self.method, self.model, self.data, self.seed, self.attack = method, model, data, seed, attack
+        self.secagg = secagg  # finetune.secagg: each client masks its reply with its own key
+        self.keys = {c.client_id: new_key() for c in data} if secagg is not None else {}
 
     def __len__(self) -> int:
         return len(self.data)
@@ -199,10 +208,11 @@ class LocalClients:
                 attempt.dropped.append(cid)
                 continue
             try:
+                msg = received(down, personal.get(cid))
                 with metered(device, attempt.extra):  # CUDA: the client step's peak GPU memory
-                    reply = client_reply(self.method, self.model, received(down, personal.get(cid)),
-                                         self.data[cid], self.seed, round_, cid, self.attack)
-                wire = to_bytes(reply)
+                    reply = client_reply(self.method, self.model, msg, self.data[cid], self.seed, round_,
+                                         cid, self.attack)
+                wire = to_bytes(self.masked(reply, msg, cid))
             except BadInput:
                 raise
             except Exception as e:
@@ -213,23 +223,38 @@ class LocalClients:
             attempt.replies.append(from_bytes(wire))
         return attempt
 
+    def masked(self, reply: Message, down: Message, cid: int) -> Message:
+        """The reply as the client sends it: masked under finetune.secagg, else as it is."""
+        return reply if self.secagg is None else mask(reply, down, self.keys[cid], cid, self.secagg.clip)
+
+    def secagg_roster(self) -> dict[int, tuple[bytes, int]]:
+        """client id -> (public key, sample count): what each client registers for secagg."""
+        return {cid: (public_bytes(key), len(self.data[cid])) for cid, key in self.keys.items()}
+
+    def reveal(self, requests: dict[int, dict[int, bytes]], round_: int, attempt: int) -> dict:
+        """Each replying client's pair seeds with the silent ones (secagg's recovery)."""
+        return {(i, j): seed for i, peers in requests.items()
+                for j, seed in reveal(self.keys[i], peers, round_, attempt).items()}
+
     def checkpoint_state(self) -> dict:
-        """What the pool keeps across rounds (saved for resume): nothing, here."""
+        """What the pool keeps across rounds (saved for resume): nothing, here (secagg keys are
+        made afresh and registered again: the masks cancel whatever they are)."""
         return {}
 
     def restore(self, saved: dict) -> None:
         pass
 
 
-def screen(method, attempt: Attempt, down: Message, round_: int) -> None:
-    """Keep only the replies `method` can aggregate (method.reply_problem, validation.py): a
+def screen(method, attempt: Attempt, down: Message, round_: int, secure=None) -> None:
+    """Keep only the replies `method` can aggregate (method.reply_problem, validation.py; under
+    secure aggregation, `secure`, only the masked vector's form can be checked): a
     malformed one is logged with its client and reason and left out of the round; the bytes
     it cost stay metered. A kept reply is stamped with the client it came from (meta
     client_id, the server's knowledge, not the client's claim) for methods with per-client
     state."""
     kept = []
     for cid, reply in zip(attempt.replied, attempt.replies):
-        problem = method.reply_problem(reply, down)
+        problem = secure.reply_problem(reply, cid, down) if secure else method.reply_problem(reply, down)
         if problem is None:
             reply.meta["client_id"] = cid
             kept.append((cid, reply))
@@ -291,7 +316,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
                    sample_rate: float, seed: int, checkpoint_dir: Path | None = None,
                    on_round: Callable[[RoundLog], None] | None = None, dropout: float = 0.0,
                    min_clients: int = 1, round_retries: int = 2, attack=None, resume=None,
-                   on_global: Callable[[int, dict], None] | None = None):
+                   on_global: Callable[[int, dict], None] | None = None, secagg=None):
     """Run all rounds; returns (final global state, list of RoundLog). `clients`: a list of
     ClientData (simulated here, LocalClients) or any pool with len() and run() (Flower's).
     Clients that drop out or fail are left out of their round (see the module docstring);
@@ -299,9 +324,12 @@ def run_federation(method, model, clients, *, num_rounds: int,
     some local clients malicious. `resume` (resume.ResumeFolder): go on after its last saved
     round (whose logs are passed to `on_round` again) and save every round there.
     `on_global(round, state)` sees each new global state after its round is saved (e.g. a
-    benchmark scoring the global model every few rounds, benchmarks/time_to_accuracy.py)."""
+    benchmark scoring the global model every few rounds, benchmarks/time_to_accuracy.py).
+    `secagg` (config.SecAggParams): clients mask their replies and the server aggregates only
+    their sum (secagg.py)."""
     if isinstance(clients, list):
-        clients = LocalClients(method, model, clients, seed, attack)
+        clients = LocalClients(method, model, clients, seed, attack, secagg)
+    secure = SecureAggregation(method, clients) if secagg is not None else None
     if min_clients > clients_per_round(len(clients), sample_rate):
         raise TooFewClients(f"finetune.min_clients = {min_clients}, but a round samples only "
                             f"{clients_per_round(len(clients), sample_rate)} clients")
@@ -327,14 +355,17 @@ def run_federation(method, model, clients, *, num_rounds: int,
             sampled = sample_clients(round_rng if attempt else rng, len(clients), sample_rate)
             # 2) broadcast: every sampled client decodes the same bytes (and its own, if any)
             sent = method.downlink(state)
+            if secure is not None:  # the sampled clients' ids, public keys and weights
+                secure.announce(sent, sampled, rnd, attempt)
             down = to_bytes(sent)
             personal = personal_messages(method, sampled)
             # 3) local work on each client that stays; only the serialized reply reaches the
             #    server, which drops a malformed one before it can reach aggregation
             tries.append(clients.run(sampled, down, rnd, drop_out(round_rng, sampled, dropout), personal))
-            screen(method, tries[-1], sent, rnd)
-            if len(tries[-1].replies) >= min_clients:
-                break
+            screen(method, tries[-1], sent, rnd, secure)
+            if len(tries[-1].replies) >= min_clients and (
+                    secure is None or secure.unmask(tries[-1], sent, rnd, attempt, clients)):
+                break  # (secure aggregation: the masked replies are now their one unmasked mean)
         else:
             raise too_few(rnd, tries, min_clients)
         done = tries[-1]
@@ -355,7 +386,8 @@ def run_federation(method, model, clients, *, num_rounds: int,
             rejected=[cid for t in tries for cid in t.rejected],
             retries=len(tries) - 1,
             bytes_exchanged=sum(t.bytes for t in tries),
-            extra={**method.round_metrics(state), **merged_extras(tries)},
+            extra={**method.round_metrics(state), **merged_extras(tries),
+                   **({"bytes_secagg_recovery": float(sum(t.recovery for t in tries))} if secure else {})},
         )
         history.append(log)
         if resume is not None:

@@ -110,8 +110,8 @@ def summarize(history: list[RoundLog], cfg: FinetuneParams, trainable: int, num_
 
 
 def engine_options(cfg: FinetuneParams, clients) -> dict:
-    """run_federation's keyword arguments from finetune.* (sampling, failures, attackers; a
-    Flower pool ignores the attack: its ClientApps corrupt their own replies)."""
+    """run_federation's keyword arguments from finetune.* (sampling, failures, attackers, secure
+    aggregation; a Flower pool ignores the attack: its ClientApps corrupt their own replies)."""
     return {"num_rounds": cfg.num_rounds, "sample_rate": cfg.sample_rate, "seed": cfg.seed,
             "dropout": cfg.dropout, "min_clients": cfg.min_clients, "round_retries": cfg.round_retries,
-            "attack": attack_of(cfg, len(clients))}
+            "attack": attack_of(cfg, len(clients)), "secagg": cfg.secagg if cfg.secagg.enabled else None}

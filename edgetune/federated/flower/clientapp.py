@@ -38,13 +38,30 @@ from edgetune.federated.flower.transport import HISTORY, JOB, NODE, PERSONAL
 
 app = ClientApp()
 KEPT = "broadcast"  # context.state: broadcast/<round>/{tensors,meta}, every broadcast this node saw
+SECAGG = "secagg"  # context.state: the private key of each client this node owns (finetune.secagg)
 
 
 @app.query("clients")
 def hello(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    """Tell the server which clients this node owns."""
+    """Tell the server which clients this node owns (for secagg: with a new public key and the
+    sample count of each)."""
     clients = owned_clients(context.node_config)
-    return FlowerMessage(RecordDict({NODE: ConfigRecord({"clients": json.dumps(clients)})}), reply_to=msg)
+    answer = {"clients": json.dumps(clients)}
+    if msg.content[JOB].get("secagg"):
+        answer.update(register_keys(context, clients, node_paths(context.node_config, msg.content[JOB])))
+    return FlowerMessage(RecordDict({NODE: ConfigRecord(answer)}), reply_to=msg)
+
+
+@app.query("secagg")
+def reveal_seeds(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    """Secagg's recovery: one client's pair seeds with the sampled clients that sent nothing."""
+    from edgetune.federated.secagg import reveal
+
+    job = msg.content[JOB]
+    peers = dict(zip((int(p) for p in job["peers"]), (bytes(k) for k in job["keys"])))
+    seeds = reveal(client_key(context, int(job["client"])), peers, int(job["round"]), int(job["attempt"]))
+    answer = ConfigRecord({"peers": list(seeds), "seeds": list(seeds.values())})
+    return FlowerMessage(RecordDict({NODE: answer}), reply_to=msg)
 
 
 @app.train()
@@ -66,6 +83,10 @@ def train(msg: FlowerMessage, context: Context) -> FlowerMessage:
     data = client_data(node["partitions"], int(job["client"]), job["task"])
     reply = client_reply(method, model, down, data, cfg.seed, int(job["round"]), data.client_id,
                          attack(job["finetune"], int(job["num_clients"])))
+    if cfg.secagg.enabled:  # only the masked vector leaves the device
+        from edgetune.federated.secagg import mask
+
+        reply = mask(reply, down, client_key(context, data.client_id), data.client_id, cfg.secagg.clip)
     node_info = ConfigRecord({"synced": version, "peak_rss_mb": peak_rss_mb()})  # beside the metered reply
     return FlowerMessage(to_records(reply, **{NODE: node_info}), reply_to=msg)
 
@@ -95,6 +116,33 @@ def node_paths(node_config, job) -> dict[str, Path]:
             raise BadInput(f"node config {key}: not set; start the SuperNode with --node-config \"{key}='...'\"")
         out[key] = Path(str(value))
     return out
+
+
+# --------------------------------------------------------------------------- secure aggregation keys
+def register_keys(context: Context, clients: list[int], paths: dict[str, Path]) -> dict:
+    """A new key pair per owned client, private keys kept in the node's state; the public keys
+    and sample counts for the server."""
+    import pyarrow.parquet as pq
+
+    from edgetune.federated.secagg import new_key, public_bytes
+
+    keys = {c: new_key() for c in clients}
+    kept = dict(context.state[SECAGG]) if SECAGG in context.state else {}
+    kept.update({str(c): k.private_bytes_raw() for c, k in keys.items()})
+    context.state[SECAGG] = ConfigRecord(kept)
+    samples = [pq.read_metadata(paths["partitions"] / f"client_{c:04d}.parquet").num_rows for c in clients]
+    return {"secagg_keys": [public_bytes(keys[c]) for c in clients], "secagg_samples": samples}
+
+
+def client_key(context: Context, client_id: int):
+    """The private key this node made for `client_id` when the server said hello."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    kept = context.state[SECAGG] if SECAGG in context.state else {}
+    if str(client_id) not in kept:
+        raise RuntimeError(f"secure aggregation: this node holds no key for client {client_id} "
+                           "(restarted since the server's hello?); the server drops it from the round")
+    return X25519PrivateKey.from_private_bytes(bytes(kept[str(client_id)]))
 
 
 # --------------------------------------------------------------------------- workers and data

@@ -16,6 +16,12 @@ logged as `bytes_catchup`: the local engine, whose clients share one synced mode
 
 Per round, `wire_bytes_down` / `wire_bytes_up` are the bytes of the Flower messages themselves
 (records.wire_size), next to the engine's safetensors metering of the same payloads.
+
+Secure aggregation (finetune.secagg, secagg.py): each SuperNode makes a key pair per client it
+owns when the server says hello, keeps the private keys in its context state and answers with
+the public keys and sample counts (the roster). Its ClientApp masks each reply; when a sampled
+client sent nothing, the server asks the replying clients' nodes for their pair seeds with it
+(a `query.secagg` message each).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from edgetune.federated.flower.records import from_records, put, to_records, wir
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
 
 JOB, NODE = "job", "node"
-HELLO, TRAIN = "query.clients", "train"
+HELLO, TRAIN, REVEAL = "query.clients", "train", "query.secagg"
 HISTORY = "history"  # catch-up records in a train message
 PERSONAL = "personal"  # the client's own records in a train message (method.personal)
 POLL_S = 0.2
@@ -52,6 +58,8 @@ class FlowerClients:
         self.replays = method.replays_history
         self.broadcasts: dict[int, Message] = {}  # version -> broadcast (seed-scalar catch-up)
         self.synced: dict[int, int] = {}  # node id -> last version it confirmed
+        self.secagg = job.params.secagg.enabled
+        self.roster: dict[int, tuple[bytes, int]] = {}  # secagg: client id -> (public key, samples)
         self.node_of = self.discover()
 
     # ----------------------------------------------------------------- setup
@@ -64,8 +72,8 @@ class FlowerClients:
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
-                msgs = [FlowerMessage(to_records(Message(), **{JOB: ConfigRecord({"ask": "clients"})}),
-                                      dst_node_id=n, message_type=HELLO) for n in new]
+                msgs = [FlowerMessage(to_records(Message(), **{JOB: self.hello()}), dst_node_id=n,
+                                      message_type=HELLO) for n in new]
                 for node, reply in zip(new, self.exchange(msgs, timeout=max(1.0, deadline - time.monotonic()))[0]):
                     if reply is None:
                         continue
@@ -78,6 +86,7 @@ class FlowerClients:
                             raise BadInput(f"flower: client {cid} is owned by two SuperNodes ({owner[cid]}, {node}); "
                                            "give each node its own clients in --node-config")
                         owner[cid] = node
+                    self.register(reply.content[NODE])
             missing = sorted(set(range(self.job.num_clients)) - set(owner))
             if not missing:
                 return owner
@@ -88,8 +97,39 @@ class FlowerClients:
                                "start SuperNodes whose node config covers them")
             time.sleep(1.0)
 
+    def hello(self) -> ConfigRecord:
+        """The hello's question: which clients a node owns (and, for secagg, their keys)."""
+        sim = {k: v for k, v in self.job.extra.items() if k.startswith("sim_")}  # a virtual node's folders
+        return ConfigRecord({"ask": "clients", "secagg": self.secagg, **sim})
+
+    def register(self, answer: ConfigRecord) -> None:
+        """Keep the public keys and sample counts a node registered for secagg."""
+        if self.secagg:
+            clients = json.loads(answer["clients"])
+            self.roster.update({c: (bytes(k), int(n)) for c, k, n in
+                                zip(clients, answer["secagg_keys"], answer["secagg_samples"])})
+
     def __len__(self) -> int:
         return self.job.num_clients
+
+    def secagg_roster(self) -> dict[int, tuple[bytes, int]]:
+        return dict(self.roster)
+
+    def reveal(self, requests: dict[int, dict[int, bytes]], round_: int, attempt: int) -> dict:
+        """Ask each replying client's node for its pair seeds with the silent clients; a node
+        that does not answer within round_timeout leaves its seeds out."""
+        asked = list(requests)
+        msgs = [FlowerMessage(to_records(Message(), **{JOB: ConfigRecord({
+                    "client": i, "round": round_, "attempt": attempt, "peers": list(requests[i]),
+                    "keys": list(requests[i].values())})}), dst_node_id=self.node_of[i], message_type=REVEAL)
+                for i in asked]
+        replies, _ = self.exchange(msgs, timeout=self.job.round_timeout)
+        out = {}
+        for i, reply in zip(asked, replies):
+            if reply is not None and not reply.has_error():
+                answer = reply.content[NODE]
+                out.update({(i, int(j)): bytes(seed) for j, seed in zip(answer["peers"], answer["seeds"])})
+        return out
 
     # ----------------------------------------------------------------- one round
     def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int],

@@ -1,0 +1,231 @@
+"""Secure aggregation (finetune.secagg): the server learns the round's sample-weighted mean
+update and mean loss, and nothing of any one client's reply.
+
+Pairwise additive masking (Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
+Machine Learning", CCS 2017), with one long-lived key pair per client (as Bell et al., CCS 2020,
+agree keys once) and an honest-but-curious server:
+
+- Each client makes an X25519 key pair on its device. Its public key and its sample count are
+  registered with the server once: by LocalClients when it starts, by a Flower SuperNode in its
+  answer to the server's hello (clientapp.py). Private keys never leave the client.
+- A round's broadcast also carries the sampled clients' ids, public keys and weights
+  w_i = n_i / sum of the sampled n_j (`announce`).
+- Client i (`mask`) quantizes v_i = w_i * [each block's update y_i - x clamped to +-clip, then
+  its loss] to fixed point (2^-24) and adds, for every other sampled client j, the mask
+  PRG(s_ij) (+ if i < j, - if i > j) modulo 2^32. s_ij is HKDF of the X25519 secret of i and j
+  and of the round and try: i and j compute it alone, and it is worth nothing for another
+  round. The reply is this one int32 vector: as many bytes as the float32 blocks.
+- The server adds the vectors modulo 2^32 (`unmask`): the masks of every pair that both replied
+  cancel. For a sampled client j that sent nothing usable (dropped out, failed, reply
+  rejected), each replying client reveals its pair seed with j and the server removes those
+  masks (the recovery round trip, metered as `bytes_secagg_recovery`).
+- The sum / 2^24 / (sum of the replying clients' w_i) is their sample-weighted mean update and
+  mean loss, exact up to the fixed point (2^-25 per client and coordinate). It becomes one reply
+  that the method's aggregate folds as it folds the plain mean, so the server step, the logs and
+  both backends work unchanged.
+
+What it protects and what it does not: the server (and anyone reading the wire) sees uniformly
+random vectors and their sum; it learns the mean of at least finetune.min_clients (>= 2)
+clients, the sample counts (public, as in plain FedAvg) and who replied. It assumes the server
+follows the protocol: a server that claims a client dropped when it did not can have its pair
+seeds revealed and unmask it (Bonawitz et al.'s double masking with Shamir-shared self-masks
+closes this; not built here). Clients that collude with the server learn the sum of the others.
+Nothing can check a reply's content: robust rules, SCAFFOLD (per-client replies) and the
+server-side clipping of DP are refused with it (config.secagg_fits).
+
+Written by hand: Flower's SecAgg+ (secaggplus_mod / SecAggPlusWorkflow) serves one client per
+SuperNode, legacy FitIns/FitRes messages and the Strategy loop, none of which edgetune's one
+round loop has. The primitives are library code: `cryptography`'s X25519 and HKDF, numpy's
+Philox for the mask streams.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from edgetune.federated.protocol import Message
+
+FRAC_BITS = 24  # fixed point 2^-24; |sum of w_i v_i| <= 64 < 2^(31 - 24): no wrap-around
+LOSS_CAP = 64.0  # a loss above it is sent as 64 (cross-entropy on real tokens stays far below)
+MASKED = "secagg.masked"  # the one tensor of a masked reply
+CLIENTS, WEIGHTS, KEYS = "secagg.clients", "secagg.weights", "secagg.keys"  # the broadcast's roster
+SEED_BYTES = 32
+
+
+# --------------------------------------------------------------------------- keys and masks
+def new_key() -> X25519PrivateKey:
+    return X25519PrivateKey.generate()
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes_raw()
+
+
+def pair_seed(own: X25519PrivateKey, peer_public: bytes, round_: int, attempt: int) -> bytes:
+    """The mask seed of a pair of clients for one try of one round; both compute the same."""
+    secret = own.exchange(X25519PublicKey.from_public_bytes(bytes(peer_public)))
+    info = f"edgetune secagg round {round_} try {attempt}".encode()
+    return HKDF(algorithm=hashes.SHA256(), length=SEED_BYTES, salt=None, info=info).derive(secret)
+
+
+def mask_stream(seed: bytes, n: int) -> np.ndarray:
+    """n uniform uint32 values from a pair seed (numpy's Philox keyed by its first 128 bits)."""
+    gen = np.random.Generator(np.random.Philox(key=int.from_bytes(seed[:16], "little")))
+    return gen.integers(0, 1 << 32, size=n, dtype=np.uint32)
+
+
+def apply_mask(total: np.ndarray, seed: bytes, sign: int) -> None:
+    """total += sign * PRG(seed), modulo 2^32 (uint32 arithmetic wraps)."""
+    stream = mask_stream(seed, total.size)
+    if sign > 0:
+        total += stream
+    else:
+        total -= stream
+
+
+# --------------------------------------------------------------------------- the round's roster
+def announce(sent: Message, sampled: list[int], roster: dict[int, tuple[bytes, int]],
+             round_: int, attempt: int) -> None:
+    """Add to the broadcast the sampled clients' ids, public keys and weights n_i / sum n_j."""
+    counts = np.array([roster[c][1] for c in sampled], dtype=np.float64)
+    sent.tensors[CLIENTS] = torch.tensor(sampled, dtype=torch.int64)
+    sent.tensors[WEIGHTS] = torch.from_numpy(counts / counts.sum())
+    sent.tensors[KEYS] = torch.tensor(np.frombuffer(b"".join(roster[c][0] for c in sampled), dtype=np.uint8)
+                                      .reshape(len(sampled), -1).copy())
+    sent.meta.update({"secagg_round": round_, "secagg_attempt": attempt})
+
+
+def roster_of(down: Message) -> dict[int, tuple[bytes, float]]:
+    """client id -> (public key, weight), as the broadcast announced them."""
+    ids = down.tensors[CLIENTS].tolist()
+    keys = down.tensors[KEYS].numpy()
+    return {c: (keys[i].tobytes(), float(down.tensors[WEIGHTS][i])) for i, c in enumerate(ids)}
+
+
+def without_roster(down: Message) -> Message:
+    """The broadcast as the method sent it (what a client's local work reads)."""
+    return Message({k: v for k, v in down.tensors.items() if not k.startswith("secagg.")},
+                   {k: v for k, v in down.meta.items() if not k.startswith("secagg_")})
+
+
+# --------------------------------------------------------------------------- client side
+def quantized(reply: Message, down: Message, weight: float, clip: float) -> np.ndarray:
+    """w * [every block's update clamped to +-clip (sorted by name), loss] in fixed point, mod 2^32;
+    block by block in float64, so a full model needs one block's temporaries, not the model's."""
+    keys = sorted(reply.tensors)
+    out = np.empty(sum(reply.tensors[k].numel() for k in keys) + 1, dtype=np.uint32)
+    scale, at = weight * 2.0 ** FRAC_BITS, 0
+    for k in keys:  # a CUDA client's blocks come to the CPU here
+        update = reply.tensors[k].detach().to("cpu", torch.float64, copy=True).sub_(down.tensors[k].cpu().double())
+        fixed = update.nan_to_num_().clamp_(-clip, clip).mul_(scale).round_().to(torch.int64).flatten()
+        out[at:at + fixed.numel()] = fixed.numpy().astype(np.uint32)  # two's complement: wraps mod 2^32
+        at += fixed.numel()
+    loss = float(reply.meta["loss"])
+    out[-1] = np.int64(round(scale * (min(loss, LOSS_CAP) if math.isfinite(loss) else LOSS_CAP))).astype(np.uint32)
+    return out
+
+
+def mask(reply: Message, down: Message, key: X25519PrivateKey, client_id: int, clip: float) -> Message:
+    """Client `client_id`'s masked reply: its weighted update and loss, hidden by one mask per
+    other sampled client; the sample count stays in the clear."""
+    roster = roster_of(down)
+    total = quantized(reply, down, roster[client_id][1], clip)
+    for peer, (peer_key, _) in roster.items():
+        if peer != client_id:
+            seed = pair_seed(key, peer_key, int(down.meta["secagg_round"]), int(down.meta["secagg_attempt"]))
+            apply_mask(total, seed, +1 if client_id < peer else -1)
+    return Message({MASKED: torch.from_numpy(total.view(np.int32))}, {"num_samples": reply.meta["num_samples"]})
+
+
+def reveal(key: X25519PrivateKey, peers: dict[int, bytes], round_: int, attempt: int) -> dict[int, bytes]:
+    """The pair seeds of this client with `peers` (id -> public key) that sent nothing."""
+    return {peer: pair_seed(key, public, round_, attempt) for peer, public in peers.items()}
+
+
+# --------------------------------------------------------------------------- server side
+def layout(method, sent: Message) -> list[tuple[str, tuple[int, ...]]]:
+    """(block, shape) in the order a masked vector holds them: the reply's blocks by name."""
+    return [(k, tuple(shape)) for k, (shape, _) in sorted(method.expected_reply(sent).items())]
+
+
+def reply_problem(reply: Message, length: int, num_samples: int) -> str | None:
+    """Why a masked reply cannot be summed (None when it can): one int32 vector of `length`
+    and the sample count the client registered."""
+    if set(reply.tensors) != {MASKED}:
+        return f"a masked reply holds only {MASKED!r}, got {sorted(reply.tensors)}"
+    vec = reply.tensors[MASKED]
+    if vec.dtype != torch.int32 or tuple(vec.shape) != (length,):
+        return f"{MASKED} is {vec.dtype} {tuple(vec.shape)}, expected torch.int32 ({length},)"
+    if reply.meta.get("num_samples") != num_samples:
+        return f"meta num_samples is {reply.meta.get('num_samples')!r}, registered {num_samples}"
+    return None
+
+
+def unmask(sent: Message, blocks: list[tuple[str, tuple[int, ...]]], replies: dict[int, Message],
+           revealed: dict[tuple[int, int], bytes]) -> Message:
+    """The one reply the round's masked `replies` (client id -> reply) stand for: the broadcast
+    blocks plus the weighted mean update, the weighted mean loss and the total sample count.
+    `revealed[(i, j)]`: replying client i's pair seed with j, a sampled client that sent nothing."""
+    roster = roster_of(sent)
+    total = np.zeros(sum(math.prod(s) for _, s in blocks) + 1, dtype=np.uint32)
+    for reply in replies.values():
+        total += reply.tensors[MASKED].numpy().view(np.uint32)
+    for (i, j), seed in sorted(revealed.items()):
+        apply_mask(total, seed, -1 if i < j else +1)  # take out what i added for j
+    weight = sum(roster[c][1] for c in replies)
+    mean = total.view(np.int32).astype(np.float64) / 2.0 ** FRAC_BITS / weight
+    out, at = {}, 0
+    for key, shape in blocks:
+        n = math.prod(shape)
+        x = sent.tensors[key]
+        out[key] = (x.double() + torch.from_numpy(mean[at:at + n].reshape(shape))).to(x.dtype)
+        at += n
+    return Message(out, {"num_samples": int(sum(r.meta["num_samples"] for r in replies.values())),
+                         "loss": float(mean[-1])})
+
+
+def recovery_bytes(requests: dict[int, dict[int, bytes]]) -> int:
+    """Bytes of the recovery round trip: per (replying, silent) pair, the silent client's id and
+    public key down, the pair seed up."""
+    return sum(len(peers) for peers in requests.values()) * (8 + 32 + SEED_BYTES)
+
+
+class SecureAggregation:
+    """The server's side of one run: the registered roster (client id -> (public key, sample
+    count), from the pool), each round's announcement, the screen of masked replies, and the
+    unmasking into one reply."""
+
+    def __init__(self, method, clients):
+        self.method = method
+        self.roster: dict[int, tuple[bytes, int]] = clients.secagg_roster()
+
+    def announce(self, sent: Message, sampled: list[int], round_: int, attempt: int) -> None:
+        announce(sent, sampled, self.roster, round_, attempt)
+
+    def reply_problem(self, reply: Message, client_id: int, sent: Message) -> str | None:
+        length = sum(math.prod(s) for _, s in layout(self.method, sent)) + 1
+        return reply_problem(reply, length, self.roster[client_id][1])
+
+    def unmask(self, attempt, sent: Message, round_: int, try_: int, clients) -> bool:
+        """Replace the attempt's masked replies by the one reply they stand for; the replying
+        clients first reveal their seeds with the sampled clients that sent nothing. False
+        (replies cleared, error noted) when a replying client did not reveal them."""
+        kept = dict(zip(attempt.replied, attempt.replies))
+        silent = [c for c in attempt.sampled if c not in kept]
+        requests = {i: {j: self.roster[j][0] for j in silent} for i in kept} if silent else {}
+        revealed = clients.reveal(requests, round_, try_) if requests else {}
+        attempt.recovery = recovery_bytes(requests)
+        missing = sorted(i for i in requests if any((i, j) not in revealed for j in requests[i]))
+        if missing:
+            attempt.errors.append(f"secure aggregation: clients {missing} did not reveal their seeds "
+                                  f"with the silent clients {silent}; the round's sum cannot be unmasked")
+            attempt.replies = []
+            return False
+        attempt.replies = [unmask(sent, layout(self.method, sent), kept, revealed)]
+        return True

@@ -1,0 +1,130 @@
+"""Secure aggregation (finetune.secagg, edgetune/federated/secagg.py): the masks hide each reply
+and cancel in the sum, a silent client's masks are recovered from the others' pair seeds, and
+FedIT trains as without it (to the fixed point's resolution) on a tiny Llama with SST-2 rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgetune.config import FinetuneParams
+from edgetune.federated import secagg
+from edgetune.federated.protocol import Message
+from tests.helpers import federate, make_clients
+
+BLOCKS = {"a.weight": (3, 5), "b.bias": (7,)}
+
+
+def round_of(sampled, counts, seed=0):
+    """A broadcast x with the roster announced, and each client's reply y_i with its loss."""
+    gen = torch.Generator().manual_seed(seed)
+    keys = {c: secagg.new_key() for c in sampled}
+    roster = {c: (secagg.public_bytes(keys[c]), n) for c, n in zip(sampled, counts)}
+    sent = Message({k: torch.randn(s, generator=gen) for k, s in BLOCKS.items()})
+    secagg.announce(sent, sampled, roster, round_=3, attempt=0)
+    replies = {c: Message({k: sent.tensors[k] + 0.01 * torch.randn(s, generator=gen) for k, s in BLOCKS.items()},
+                          {"num_samples": n, "loss": 0.5 + c / 10}) for c, n in zip(sampled, counts)}
+    return sent, keys, replies
+
+
+def plain_mean(sent, replies, clients):
+    """The sample-weighted mean of the clients' blocks and losses, in float64."""
+    total = sum(replies[c].meta["num_samples"] for c in clients)
+    blocks = {k: sum(replies[c].tensors[k].double() * replies[c].meta["num_samples"] for c in clients) / total
+              for k in BLOCKS}
+    return blocks, sum(replies[c].meta["loss"] * replies[c].meta["num_samples"] for c in clients) / total
+
+
+def masked_replies(sent, keys, replies, clip=1.0):
+    return {c: secagg.mask(r, sent, keys[c], c, clip) for c, r in replies.items()}
+
+
+def test_masks_hide_each_reply_and_cancel_in_the_sum():
+    sampled, counts = [0, 2, 5, 6], [30, 10, 45, 15]
+    sent, keys, replies = round_of(sampled, counts)
+    masked = masked_replies(sent, keys, replies)
+    layout = [(k, s) for k, s in sorted(BLOCKS.items())]
+    for c in sampled:  # what the server receives from one client: uniform noise, not its update
+        plain = secagg.quantized(replies[c], sent, counts[sampled.index(c)] / sum(counts), 1.0)
+        vec = masked[c].tensors[secagg.MASKED].numpy().view(np.uint32)
+        assert (vec != plain).mean() > 0.95 and np.abs(vec.astype(np.float64) - 2**31).mean() > 2**29
+        assert set(masked[c].meta) == {"num_samples"}  # not even the loss in the clear
+    out = secagg.unmask(sent, layout, masked, revealed={})
+    blocks, loss = plain_mean(sent, replies, sampled)
+    for k in BLOCKS:  # exact up to the fixed point: 2^-25 per client and coordinate
+        assert (out.tensors[k].double() - blocks[k]).abs().max() < 1e-6
+    assert abs(out.meta["loss"] - loss) < 1e-6 and out.meta["num_samples"] == sum(counts)
+
+
+def test_a_silent_clients_masks_are_removed_with_the_others_pair_seeds():
+    sampled, counts = [1, 3, 4], [20, 20, 40]
+    sent, keys, replies = round_of(sampled, counts, seed=1)
+    masked = masked_replies(sent, keys, replies)
+    del masked[3]  # client 3 dropped out after the broadcast
+    layout = [(k, s) for k, s in sorted(BLOCKS.items())]
+    garbled = secagg.unmask(sent, layout, masked, revealed={})
+    blocks, loss = plain_mean(sent, replies, [1, 4])
+    assert (garbled.tensors["a.weight"].double() - blocks["a.weight"]).abs().max() > 1.0  # 3's masks remain
+    revealed = {(i, 3): secagg.reveal(keys[i], {3: secagg.roster_of(sent)[3][0]}, 3, 0)[3] for i in (1, 4)}
+    out = secagg.unmask(sent, layout, masked, revealed)
+    for k in BLOCKS:
+        assert (out.tensors[k].double() - blocks[k]).abs().max() < 1e-6
+    assert abs(out.meta["loss"] - loss) < 1e-6 and out.meta["num_samples"] == 60
+
+
+def test_pair_seeds_are_per_round_and_try():
+    a, b = secagg.new_key(), secagg.new_key()
+    seed = secagg.pair_seed(a, secagg.public_bytes(b), 3, 0)
+    assert seed == secagg.pair_seed(b, secagg.public_bytes(a), 3, 0)  # both ends agree
+    assert seed not in {secagg.pair_seed(a, secagg.public_bytes(b), 4, 0), secagg.pair_seed(a, secagg.public_bytes(b), 3, 1)}
+
+
+def test_an_update_beyond_clip_is_clamped_not_wrapped():
+    sampled, counts = [0, 1], [10, 10]
+    sent, keys, replies = round_of(sampled, counts)
+    replies[0].tensors["b.bias"][0] = sent.tensors["b.bias"][0] + 500.0  # far beyond clip = 1
+    replies[1].tensors["b.bias"][0] = float("nan")
+    out = secagg.unmask(sent, [(k, s) for k, s in sorted(BLOCKS.items())], masked_replies(sent, keys, replies), {})
+    assert abs(float(out.tensors["b.bias"][0] - sent.tensors["b.bias"][0]) - 0.5) < 1e-6  # (1 + 0) / 2
+
+
+def test_fedit_with_secure_aggregation_trains_as_without_it(tiny_model_dir, sst2_prompts):
+    """Same clients, dropouts, losses and weights (to 1e-6) as plain FedIT; the upload is an int32
+    vector as large as the float32 blocks; a round with dropouts pays the recovery trip."""
+    clients = make_clients(sst2_prompts)
+    cfg = FinetuneParams(num_rounds=3, sample_rate=0.75, local_steps=2, batch_size=4, lr=5e-3, dropout=0.3,
+                         min_clients=2)
+    plain_states, states = {}, {}
+    _, _, plain_state, plain = federate(tiny_model_dir, clients, cfg, on_global=plain_states.__setitem__)
+    secure = cfg.model_copy(update={"secagg": cfg.secagg.model_copy(update={"enabled": True})})
+    _, _, state, history = federate(tiny_model_dir, clients, secure, on_global=states.__setitem__)
+    assert any(h.dropped for h in history), "the seed drops no client; pick another"
+    coordinates = sum(v.numel() for v in state.values()) + 1  # every block's, and the loss
+    for a, b in zip(plain, history):
+        assert (a.clients, a.dropped) == (b.clients, b.dropped)
+        assert abs(a.train_loss - b.train_loss) < 1e-5
+        # one int32 per float32 coordinate; one tensor's header instead of one per block
+        assert 4 * coordinates < b.bytes_up_per_client < min(a.bytes_up_per_client, 4 * coordinates + 256)
+        assert (b.extra["bytes_secagg_recovery"] > 0) == bool(b.dropped)
+        assert b.bytes_down_per_client > a.bytes_down_per_client  # the roster: ids, keys, weights
+    # after round 1: the plain mean to the fixed point's resolution (3 clients x 2^-25) and float32
+    # rounding; later rounds start from those weights, and AdamW's first steps (about lr x the
+    # gradient's sign) carry the difference on, still far below one step
+    for k in state:
+        assert (states[1][k] - plain_states[1][k]).abs().max() < 3e-7
+        assert (state[k] - plain_state[k]).abs().max() < 1e-4
+    assert any(not torch.equal(state[k], plain_state[k]) for k in state)  # it did go through the masks
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"method": "fedkseed"}, "fedkseed trains by zeroth order"),
+    ({"method": "fedselft"}, "send only some blocks"),
+    ({"scaffold": True}, "SCAFFOLD computes each client's control variate"),
+    ({"dp": {"noise_multiplier": 1.0}}, "DP clips each client's update on the server"),
+    ({"aggregation": {"rule": "median"}}, "a robust rule (median)"),
+    ({"min_clients": 1}, "the sum of one reply is that client's update"),
+])
+def test_secure_aggregation_is_refused_where_the_server_needs_each_reply(update, message):
+    with pytest.raises(ValueError, match="finetune.secagg: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        FinetuneParams(**{"min_clients": 2, **update, "secagg": {"enabled": True}})
