@@ -9,6 +9,7 @@ learns the same with it.
 2. The default pipeline's FedIT federation (params.yaml, SST-2 partitions) run twice on the local
    backend, plain and with secagg, with client dropouts (--dropout) and min_clients 2: seconds
    and bytes per round, the largest weight difference, and both models' dev accuracy.
+3. FedKSeed's bytes per client per round, plain and with secagg (two rounds each).
 
 Writes results/secagg.json and an MLflow run in `edgetune-benchmarks`.
 
@@ -21,8 +22,9 @@ import argparse
 import time
 
 
-def synthetic_round(blocks: dict, m: int, seed: int = 0):
-    """A broadcast of `blocks` with m clients announced, and each client's key and reply."""
+def synthetic_round(method, m: int, seed: int = 0):
+    """A broadcast of the method's blocks with m clients announced, and each client's key and
+    reply (the blocks plus small Gaussian updates)."""
     import torch
 
     from edgetune.federated import secagg
@@ -30,35 +32,38 @@ def synthetic_round(blocks: dict, m: int, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     keys = {c: secagg.new_key() for c in range(m)}
-    sent = Message({k: v.detach().float().clone() for k, v in blocks.items()})
+    sent = Message({k: v.detach().float().clone() for k, v in method.blocks.items()})
     secagg.announce(sent, list(range(m)), {c: (secagg.public_bytes(keys[c]), 100) for c in keys}, 1, 0)
     replies = {c: Message({k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in sent.tensors.items()
                            if not k.startswith("secagg.")}, {"num_samples": 100, "loss": 0.6}) for c in keys}
     return sent, keys, replies
 
 
-def protocol_costs(blocks: dict, m: int) -> dict[str, float]:
-    """Seconds: one client's mask, the server's unmask (all replied / one silent), the reveal."""
+def protocol_costs(method, m: int) -> dict[str, float]:
+    """Seconds: one client's mask, the server's unmask into one reply (all replied / one
+    silent), one client's reveal."""
     from edgetune.federated import secagg
 
-    sent, keys, replies = synthetic_round(blocks, m)
-    layout = [(k, tuple(v.shape)) for k, v in sorted(blocks.items())]
+    sent, keys, replies = synthetic_round(method, m)
     t0 = time.perf_counter()
-    masked = {c: secagg.mask(replies[c], sent, keys[c], c, 1.0) for c in keys}
+    masked = {c: secagg.masked_reply(method, replies[c], sent, keys[c], c, 64.0) for c in keys}
     mask_s = (time.perf_counter() - t0) / m
-    t0 = time.perf_counter()
-    secagg.unmask(sent, layout, masked, {})
-    unmask_s = time.perf_counter() - t0
+
+    def unmask(revealed) -> float:
+        t0 = time.perf_counter()
+        mean, loss, samples = secagg.unmask(sent, masked, revealed)
+        method.from_mean(mean, sent, {"num_samples": samples, "loss": loss})
+        return time.perf_counter() - t0
+
+    unmask_s = unmask({})
     silent = m - 1
     del masked[silent]
     t0 = time.perf_counter()
     revealed = {(i, silent): secagg.reveal(keys[i], {silent: secagg.roster_of(sent)[silent][0]}, 1, 0)[silent]
                 for i in masked}
     reveal_s = (time.perf_counter() - t0) / len(masked)
-    t0 = time.perf_counter()
-    secagg.unmask(sent, layout, masked, revealed)
-    return {"mask_s": mask_s, "unmask_s": unmask_s, "unmask_one_silent_s": time.perf_counter() - t0,
-            "reveal_s": reveal_s, "coordinates": sum(v.numel() for v in blocks.values()) + 1}
+    return {"mask_s": mask_s, "unmask_s": unmask_s, "unmask_one_silent_s": unmask(revealed),
+            "reveal_s": reveal_s, "coordinates": method.summand_size(sent) + 1}
 
 
 def client_seconds(method, model, client, seed: int) -> float:
@@ -92,6 +97,25 @@ def federation(scorer, cfg, label: str) -> dict:
         **{f"dev_{k}": v for k, v in scorer.metrics(model, label).items()}}}
 
 
+def seed_scalar_bytes(scorer, cfg) -> dict:
+    """3. FedKSeed's bytes per client per round with and without secure aggregation (two rounds
+    on LoRA: the messages do not depend on the trainable set): a client's K-vector replaces its
+    (seed index, scalar) pairs."""
+    from edgetune.federated.engine import run_federation
+    from edgetune.federated.setup import engine_options, prepare
+
+    plain = cfg.model_copy(update={"method": "fedkseed", "trainable": "lora", "num_rounds": 2, "min_clients": 2})
+    out = {}
+    for label, use in (("fedkseed", plain), ("fedkseed_secagg", plain.model_copy(
+            update={"secagg": plain.secagg.model_copy(update={"enabled": True})}))):
+        method, model = prepare(scorer.path, scorer.task, use, len(scorer.clients), use.sample_rate)
+        _, history = run_federation(method, model, scorer.clients, **engine_options(use, scorer.clients))
+        out[label] = {"bytes_up_per_client": history[-1].bytes_up_per_client,
+                      "bytes_down_per_client": history[-1].bytes_down_per_client, "K": use.zo.K}
+        print(f"{label:16s} up {history[-1].bytes_up_per_client:,.0f} B  down {history[-1].bytes_down_per_client:,.0f} B")
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
@@ -119,7 +143,7 @@ def main(argv=None) -> None:
         method, model = prepare(scorer.path, scorer.task, use, len(scorer.clients), use.sample_rate)
         local = results["client_update_s"][method_name] = client_seconds(method, model, scorer.clients[0], cfg.seed)
         for m in counts:
-            row = protocol_costs(dict(method.blocks), m)
+            row = protocol_costs(method, m)
             row["mask_over_client_update"] = row["mask_s"] / local
             results["protocol"][f"{name}_m{m}"] = row
             print(f"{name:5s} m={m:3d}  mask {row['mask_s']:.3f} s ({row['mask_over_client_update']:.1%} of a "
@@ -134,6 +158,7 @@ def main(argv=None) -> None:
     results["max_weight_difference"] = max(float((plain["state"][k] - masked["state"][k]).abs().max())
                                            for k in plain["state"])
     results["zero_shot_accuracy"] = scorer.zero_shot
+    results.update(seed_scalar_bytes(scorer, cfg))
     for label in ("plain", "secagg"):
         row = results[label]
         print(f"{label:7s} {row['seconds_per_round']:.1f} s/round  up {row['bytes_up_per_client']:,.0f} B  "

@@ -332,9 +332,10 @@ class SecAggParams(Section):
     masks that cancel in the sum, so the server learns only the round's weighted mean update."""
 
     enabled: bool = Field(False, description="mask every reply; the server sees only the sum "
-                          "(weight-exchanging methods whose clients send every block, rule mean)")
-    clip: float = Field(1.0, gt=0, le=64, description="largest magnitude of one coordinate of a "
-                        "client's update (larger ones are clamped before the fixed-point encoding)")
+                          "(fedit, fedprompt, fedbitfit, fedfull, fedkseed, fedkseed-pro; rule mean)")
+    clip: float = Field(64.0, gt=0, le=64, description="largest magnitude of one summed number of a "
+                        "client (a weight's update, a FedKSeed candidate's scalar); larger ones are "
+                        "clamped; 64 is the most the fixed point (2^-24 in 32 bits) holds")
 
 
 class FlowerParams(Section):
@@ -554,7 +555,15 @@ def scaffold_fits(cfg: FinetuneParams) -> None:
 
 def secagg_fits(cfg: FinetuneParams) -> None:
     """ValueError naming finetune.secagg when the server needs more than the sum of the replies."""
-    why = every_block_problem(cfg)
+    spec = cfg.spec
+    if spec.family == "seed-scalar" and spec.shares_seeds:  # FedKSeed: scalars over shared candidates
+        why = ("the MACs of keyed seeds authenticate each reply's pairs, which the masks hide; set "
+               "finetune.zo.secret to null") if cfg.zo.secret else None
+    elif spec.zo:
+        why = (f"{cfg.method} {'runs one client' if spec.centralized else 'clients never share a seed'}, "
+               "so there is no sum over clients; use fedkseed, fedkseed-pro or a weight-exchanging method")
+    else:
+        why = every_block_problem(cfg)
     if why is None and cfg.scaffold:
         why = "SCAFFOLD computes each client's control variate from its own reply, which the masks hide"
     elif why is None and cfg.dp.enabled:

@@ -101,10 +101,11 @@ def test_keyed_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_
 def test_fedit_with_secure_aggregation_on_the_deployment_engine_matches_the_local_backend(
         tiny_model_dir, partitions, tmp_path):
     """finetune.secagg: each SuperNode registers a key per client at the hello, its ClientApps
-    mask the replies, and the replying clients' nodes reveal their pair seeds with a client that
-    dropped out. The unmasked sums are integers, so the global state is the local backend's bit
-    for bit."""
-    raw = {**finetune_params("fedit", rounds=2), "sample_rate": 0.75, "min_clients": 2,
+    mask the replies (each message in a process of its own: the keys live in the node's state),
+    and the replying clients' nodes reveal their pair seeds with a client that dropped out. The
+    unmasked sums are integers, so the global state is the local backend's bit for bit. (FedKSeed
+    under secagg on Flower: tests/test_flower_simulation.py.)"""
+    raw = {**finetune_params("fedit", rounds=1), "sample_rate": 0.75, "min_clients": 2,
            "secagg": {"enabled": True}}
     _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
     cfg = FinetuneParams(**raw, backend="flower")

@@ -23,11 +23,14 @@ def test_simulation_engine_matches_the_local_backend(tiny_model_dir, partitions,
     assert summary["backend"] == "flower-simulation"
 
 
-def test_secure_aggregation_on_the_simulation_engine_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
+def test_fedkseed_with_secure_aggregation_on_the_simulation_engine_matches_the_local_backend(
+        tiny_model_dir, partitions, tmp_path):
     """A virtual node learns its partition's folder from the server's hello (finetune.secagg
-    registers each client's sample count there); a dropped client's masks are recovered."""
+    registers each client's sample count there); FedKSeed's masked K-vectors sum to the local
+    backend's scalars, with a dropped client's masks recovered."""
     pytest.importorskip("ray")
-    raw = {**finetune_params("fedit", rounds=2), "sample_rate": 0.75, "min_clients": 2, "secagg": {"enabled": True}}
+    raw = {**finetune_params("fedkseed", rounds=2), "sample_rate": 0.75, "dropout": 0.3, "min_clients": 2,
+           "secagg": {"enabled": True}}
     _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
     cfg = FinetuneParams(**{**raw, "flower": {**raw["flower"], "simulation": True}}, backend="flower")
     _, sim, sim_state = run(tiny_model_dir, partitions, tmp_path / "sim", cfg)

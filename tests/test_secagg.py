@@ -1,6 +1,7 @@
 """Secure aggregation (finetune.secagg, edgetune/federated/secagg.py): the masks hide each reply
 and cancel in the sum, a silent client's masks are recovered from the others' pair seeds, and
-FedIT trains as without it (to the fixed point's resolution) on a tiny Llama with SST-2 rows."""
+FedIT and FedKSeed train as without it (to the fixed point's resolution) on a tiny Llama with
+SST-2 rows."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from edgetune.federated.protocol import Message
 from tests.helpers import federate, make_clients
 
 BLOCKS = {"a.weight": (3, 5), "b.bias": (7,)}
+SIZE = 3 * 5 + 7
 
 
 def round_of(sampled, counts, seed=0):
@@ -36,25 +38,35 @@ def plain_mean(sent, replies, clients):
     return blocks, sum(replies[c].meta["loss"] * replies[c].meta["num_samples"] for c in clients) / total
 
 
+def updates(reply, sent):
+    """A weight reply's summand: y - x per block, in name order (as WeightMethod.summand)."""
+    return [reply.tensors[k].double() - sent.tensors[k].double() for k in sorted(BLOCKS)]
+
+
 def masked_replies(sent, keys, replies, clip=1.0):
-    return {c: secagg.mask(r, sent, keys[c], c, clip) for c, r in replies.items()}
+    return {c: secagg.mask(updates(r, sent), SIZE, r.meta, sent, keys[c], c, clip) for c, r in replies.items()}
+
+
+def assert_mean(mean, sent, blocks):
+    """`mean` (the unmasked summand) is the plain mean's update, to the fixed point's resolution."""
+    expected = torch.cat([(blocks[k] - sent.tensors[k].double()).flatten() for k in sorted(BLOCKS)])
+    assert (mean - expected).abs().max() < 1e-6
 
 
 def test_masks_hide_each_reply_and_cancel_in_the_sum():
     sampled, counts = [0, 2, 5, 6], [30, 10, 45, 15]
     sent, keys, replies = round_of(sampled, counts)
     masked = masked_replies(sent, keys, replies)
-    layout = [(k, s) for k, s in sorted(BLOCKS.items())]
     for c in sampled:  # what the server receives from one client: uniform noise, not its update
-        plain = secagg.quantized(replies[c], sent, counts[sampled.index(c)] / sum(counts), 1.0)
+        plain = secagg.quantized(updates(replies[c], sent), SIZE, replies[c].meta["loss"],
+                                 counts[sampled.index(c)] / sum(counts), 1.0)
         vec = masked[c].tensors[secagg.MASKED].numpy().view(np.uint32)
         assert (vec != plain).mean() > 0.95 and np.abs(vec.astype(np.float64) - 2**31).mean() > 2**29
         assert set(masked[c].meta) == {"num_samples"}  # not even the loss in the clear
-    out = secagg.unmask(sent, layout, masked, revealed={})
+    mean, mean_loss, samples = secagg.unmask(sent, masked, revealed={})
     blocks, loss = plain_mean(sent, replies, sampled)
-    for k in BLOCKS:  # exact up to the fixed point: 2^-25 per client and coordinate
-        assert (out.tensors[k].double() - blocks[k]).abs().max() < 1e-6
-    assert abs(out.meta["loss"] - loss) < 1e-6 and out.meta["num_samples"] == sum(counts)
+    assert_mean(mean, sent, blocks)  # exact up to the fixed point: 2^-25 per client and coordinate
+    assert abs(mean_loss - loss) < 1e-6 and samples == sum(counts)
 
 
 def test_a_silent_clients_masks_are_removed_with_the_others_pair_seeds():
@@ -62,15 +74,13 @@ def test_a_silent_clients_masks_are_removed_with_the_others_pair_seeds():
     sent, keys, replies = round_of(sampled, counts, seed=1)
     masked = masked_replies(sent, keys, replies)
     del masked[3]  # client 3 dropped out after the broadcast
-    layout = [(k, s) for k, s in sorted(BLOCKS.items())]
-    garbled = secagg.unmask(sent, layout, masked, revealed={})
+    garbled, _, _ = secagg.unmask(sent, masked, revealed={})
     blocks, loss = plain_mean(sent, replies, [1, 4])
-    assert (garbled.tensors["a.weight"].double() - blocks["a.weight"]).abs().max() > 1.0  # 3's masks remain
+    assert garbled.abs().max() > 1.0  # 3's masks remain
     revealed = {(i, 3): secagg.reveal(keys[i], {3: secagg.roster_of(sent)[3][0]}, 3, 0)[3] for i in (1, 4)}
-    out = secagg.unmask(sent, layout, masked, revealed)
-    for k in BLOCKS:
-        assert (out.tensors[k].double() - blocks[k]).abs().max() < 1e-6
-    assert abs(out.meta["loss"] - loss) < 1e-6 and out.meta["num_samples"] == 60
+    mean, mean_loss, samples = secagg.unmask(sent, masked, revealed)
+    assert_mean(mean, sent, blocks)
+    assert abs(mean_loss - loss) < 1e-6 and samples == 60
 
 
 def test_pair_seeds_are_per_round_and_try():
@@ -85,8 +95,8 @@ def test_an_update_beyond_clip_is_clamped_not_wrapped():
     sent, keys, replies = round_of(sampled, counts)
     replies[0].tensors["b.bias"][0] = sent.tensors["b.bias"][0] + 500.0  # far beyond clip = 1
     replies[1].tensors["b.bias"][0] = float("nan")
-    out = secagg.unmask(sent, [(k, s) for k, s in sorted(BLOCKS.items())], masked_replies(sent, keys, replies), {})
-    assert abs(float(out.tensors["b.bias"][0] - sent.tensors["b.bias"][0]) - 0.5) < 1e-6  # (1 + 0) / 2
+    mean, _, _ = secagg.unmask(sent, masked_replies(sent, keys, replies), {})
+    assert abs(float(mean[15]) - 0.5) < 1e-6  # b.bias[0]: (clip 1 + NaN as 0) / 2
 
 
 def test_fedit_with_secure_aggregation_trains_as_without_it(tiny_model_dir, sst2_prompts):
@@ -117,14 +127,38 @@ def test_fedit_with_secure_aggregation_trains_as_without_it(tiny_model_dir, sst2
     assert any(not torch.equal(state[k], plain_state[k]) for k in state)  # it did go through the masks
 
 
+def test_fedkseed_with_secure_aggregation_sums_its_scalars_over_the_candidates(tiny_model_dir, sst2_prompts):
+    """FedKSeed's server adds each client's weighted scalars into its K candidates; under secure
+    aggregation a client sends that K-vector masked (4 bytes per candidate instead of 8 per
+    step), and the rounds' scalars are the plain ones to the fixed point's resolution."""
+    clients = make_clients(sst2_prompts)
+    cfg = FinetuneParams(method="fedkseed", trainable="lora", num_rounds=3, sample_rate=0.75, local_steps=2,
+                         batch_size=4, dropout=0.3, min_clients=2, zo={"K": 64, "lr": 1e-3, "eps": 1e-2})
+    _, _, plain_state, plain = federate(tiny_model_dir, clients, cfg)
+    secure = cfg.model_copy(update={"secagg": cfg.secagg.model_copy(update={"enabled": True})})
+    _, _, state, history = federate(tiny_model_dir, clients, secure)
+    assert any(h.dropped and h.extra["bytes_secagg_recovery"] > 0 for h in history)
+    for a, b in zip(plain, history):
+        assert (a.clients, a.dropped) == (b.clients, b.dropped)
+        assert abs(a.train_loss - b.train_loss) < 1e-5
+        assert 4 * 65 < b.bytes_up_per_client < 4 * 65 + 256 and a.bytes_up_per_client < 256
+    scalars, plain_scalars = state["history"], plain_state["history"]
+    assert scalars.shape == plain_scalars.shape == (3, 64)
+    assert torch.equal(scalars != 0, plain_scalars != 0)  # the same candidates replayed
+    assert (scalars - plain_scalars).abs().max() < 1e-5 * plain_scalars.abs().max()
+
+
 @pytest.mark.parametrize("update, message", [
-    ({"method": "fedkseed"}, "fedkseed trains by zeroth order"),
+    ({"method": "job"}, "job clients never share a seed"),
+    ({"method": "mezo"}, "mezo runs one client"),
+    ({"method": "fedkseed", "zo": {"secret": "env:KEY"}}, "the MACs of keyed seeds"),
     ({"method": "fedselft"}, "send only some blocks"),
     ({"scaffold": True}, "SCAFFOLD computes each client's control variate"),
     ({"dp": {"noise_multiplier": 1.0}}, "DP clips each client's update on the server"),
     ({"aggregation": {"rule": "median"}}, "a robust rule (median)"),
     ({"min_clients": 1}, "the sum of one reply is that client's update"),
 ])
-def test_secure_aggregation_is_refused_where_the_server_needs_each_reply(update, message):
+def test_secure_aggregation_is_refused_where_the_server_needs_each_reply(update, message, monkeypatch):
+    monkeypatch.setenv("KEY", "5e" * 32)  # a federation key for zo.secret
     with pytest.raises(ValueError, match="finetune.secagg: .*" + message.replace("(", r"\(").replace(")", r"\)")):
         FinetuneParams(**{"min_clients": 2, **update, "secagg": {"enabled": True}})

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from edgetune.config import BadInput, RunFailed, clients_per_round
 from edgetune.federated.protocol import Message, from_bytes, to_bytes
-from edgetune.federated.secagg import SecureAggregation, mask, new_key, public_bytes, reveal
+from edgetune.federated.secagg import SecureAggregation, masked_reply, new_key, public_bytes, reveal
 
 LOG = logging.getLogger(__name__)
 ROUND_STREAM = 0x5EED_D0  # keeps the round generator's entropy apart from the clients'
@@ -225,7 +225,9 @@ class LocalClients:
 
     def masked(self, reply: Message, down: Message, cid: int) -> Message:
         """The reply as the client sends it: masked under finetune.secagg, else as it is."""
-        return reply if self.secagg is None else mask(reply, down, self.keys[cid], cid, self.secagg.clip)
+        if self.secagg is None:
+            return reply
+        return masked_reply(self.method, reply, down, self.keys[cid], cid, self.secagg.clip)
 
     def secagg_roster(self) -> dict[int, tuple[bytes, int]]:
         """client id -> (public key, sample count): what each client registers for secagg."""

@@ -1,6 +1,10 @@
 """Secure aggregation (finetune.secagg): the server learns the round's sample-weighted mean
 update and mean loss, and nothing of any one client's reply.
 
+What is summed is the method's `summand` of a reply (methods/base.py): a weight method's
+update y_i - x, block by block; FedKSeed's scalars scattered over its K candidate seeds (what
+its server adds up anyway). The method's `from_mean` turns the mean back into one reply.
+
 Pairwise additive masking (Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving
 Machine Learning", CCS 2017), with one long-lived key pair per client (as Bell et al., CCS 2020,
 agree keys once) and an honest-but-curious server:
@@ -10,19 +14,19 @@ agree keys once) and an honest-but-curious server:
   answer to the server's hello (clientapp.py). Private keys never leave the client.
 - A round's broadcast also carries the sampled clients' ids, public keys and weights
   w_i = n_i / sum of the sampled n_j (`announce`).
-- Client i (`mask`) quantizes v_i = w_i * [each block's update y_i - x clamped to +-clip, then
-  its loss] to fixed point (2^-24) and adds, for every other sampled client j, the mask
+- Client i (`mask`) quantizes v_i = w_i * [its summand clamped to +-clip, then its loss] to
+  fixed point (2^-24) and adds, for every other sampled client j, the mask
   PRG(s_ij) (+ if i < j, - if i > j) modulo 2^32. s_ij is HKDF of the X25519 secret of i and j
   and of the round and try: i and j compute it alone, and it is worth nothing for another
-  round. The reply is this one int32 vector: as many bytes as the float32 blocks.
+  round. The reply is this one int32 vector (for weights, as many bytes as the float32 blocks).
 - The server adds the vectors modulo 2^32 (`unmask`): the masks of every pair that both replied
   cancel. For a sampled client j that sent nothing usable (dropped out, failed, reply
   rejected), each replying client reveals its pair seed with j and the server removes those
   masks (the recovery round trip, metered as `bytes_secagg_recovery`).
-- The sum / 2^24 / (sum of the replying clients' w_i) is their sample-weighted mean update and
+- The sum / 2^24 / (sum of the replying clients' w_i) is their sample-weighted mean summand and
   mean loss, exact up to the fixed point (2^-25 per client and coordinate). It becomes one reply
-  that the method's aggregate folds as it folds the plain mean, so the server step, the logs and
-  both backends work unchanged.
+  (`from_mean`) that the method's aggregate folds as it folds the plain mean, so the server
+  step, the logs and both backends work unchanged.
 
 What it protects and what it does not: the server (and anyone reading the wire) sees uniformly
 random vectors and their sum; it learns the mean of at least finetune.min_clients (>= 2)
@@ -30,8 +34,8 @@ clients, the sample counts (public, as in plain FedAvg) and who replied. It assu
 follows the protocol: a server that claims a client dropped when it did not can have its pair
 seeds revealed and unmask it (Bonawitz et al.'s double masking with Shamir-shared self-masks
 closes this; not built here). Clients that collude with the server learn the sum of the others.
-Nothing can check a reply's content: robust rules, SCAFFOLD (per-client replies) and the
-server-side clipping of DP are refused with it (config.secagg_fits).
+Nothing can check a reply's content: robust rules, SCAFFOLD (per-client replies), the
+server-side clipping of DP and the MACs of keyed seeds are refused with it (config.secagg_fits).
 
 Written by hand: Flower's SecAgg+ (secaggplus_mod / SecAggPlusWorkflow) serves one client per
 SuperNode, legacy FitIns/FitRes messages and the Strategy loop, none of which edgetune's one
@@ -108,39 +112,39 @@ def roster_of(down: Message) -> dict[int, tuple[bytes, float]]:
     return {c: (keys[i].tobytes(), float(down.tensors[WEIGHTS][i])) for i, c in enumerate(ids)}
 
 
-def without_roster(down: Message) -> Message:
-    """The broadcast as the method sent it (what a client's local work reads)."""
-    return Message({k: v for k, v in down.tensors.items() if not k.startswith("secagg.")},
-                   {k: v for k, v in down.meta.items() if not k.startswith("secagg_")})
-
-
 # --------------------------------------------------------------------------- client side
-def quantized(reply: Message, down: Message, weight: float, clip: float) -> np.ndarray:
-    """w * [every block's update clamped to +-clip (sorted by name), loss] in fixed point, mod 2^32;
-    block by block in float64, so a full model needs one block's temporaries, not the model's."""
-    keys = sorted(reply.tensors)
-    out = np.empty(sum(reply.tensors[k].numel() for k in keys) + 1, dtype=np.uint32)
+def quantized(parts, size: int, loss: float, weight: float, clip: float) -> np.ndarray:
+    """w * [the summand's parts clamped to +-clip, loss] in fixed point, mod 2^32. `parts`:
+    `size` numbers as fresh float64 CPU tensors (a method's summand), scaled in place one at a
+    time, so a full model needs one block's temporaries, not the model's."""
+    out = np.empty(size + 1, dtype=np.uint32)
     scale, at = weight * 2.0 ** FRAC_BITS, 0
-    for k in keys:  # a CUDA client's blocks come to the CPU here
-        update = reply.tensors[k].detach().to("cpu", torch.float64, copy=True).sub_(down.tensors[k].cpu().double())
-        fixed = update.nan_to_num_().clamp_(-clip, clip).mul_(scale).round_().to(torch.int64).flatten()
+    for part in parts:
+        fixed = part.nan_to_num_().clamp_(-clip, clip).mul_(scale).round_().to(torch.int64).flatten()
         out[at:at + fixed.numel()] = fixed.numpy().astype(np.uint32)  # two's complement: wraps mod 2^32
         at += fixed.numel()
-    loss = float(reply.meta["loss"])
-    out[-1] = np.int64(round(scale * (min(loss, LOSS_CAP) if math.isfinite(loss) else LOSS_CAP))).astype(np.uint32)
+    loss = min(loss, LOSS_CAP) if math.isfinite(loss) else LOSS_CAP
+    out[-1] = np.int64(round(scale * loss)).astype(np.uint32)
     return out
 
 
-def mask(reply: Message, down: Message, key: X25519PrivateKey, client_id: int, clip: float) -> Message:
-    """Client `client_id`'s masked reply: its weighted update and loss, hidden by one mask per
-    other sampled client; the sample count stays in the clear."""
+def mask(parts, size: int, meta: dict, down: Message, key: X25519PrivateKey, client_id: int,
+         clip: float) -> Message:
+    """Client `client_id`'s masked reply: its weighted summand (`parts`, `size` numbers) and
+    loss, hidden by one mask per other sampled client; the sample count stays in the clear."""
     roster = roster_of(down)
-    total = quantized(reply, down, roster[client_id][1], clip)
+    total = quantized(parts, size, float(meta["loss"]), roster[client_id][1], clip)
     for peer, (peer_key, _) in roster.items():
         if peer != client_id:
             seed = pair_seed(key, peer_key, int(down.meta["secagg_round"]), int(down.meta["secagg_attempt"]))
             apply_mask(total, seed, +1 if client_id < peer else -1)
-    return Message({MASKED: torch.from_numpy(total.view(np.int32))}, {"num_samples": reply.meta["num_samples"]})
+    return Message({MASKED: torch.from_numpy(total.view(np.int32))}, {"num_samples": meta["num_samples"]})
+
+
+def masked_reply(method, reply: Message, down: Message, key: X25519PrivateKey, client_id: int,
+                 clip: float) -> Message:
+    """What a client sends under secure aggregation: its reply's summand (method.summand), masked."""
+    return mask(method.summand(reply, down), method.summand_size(down), reply.meta, down, key, client_id, clip)
 
 
 def reveal(key: X25519PrivateKey, peers: dict[int, bytes], round_: int, attempt: int) -> dict[int, bytes]:
@@ -149,11 +153,6 @@ def reveal(key: X25519PrivateKey, peers: dict[int, bytes], round_: int, attempt:
 
 
 # --------------------------------------------------------------------------- server side
-def layout(method, sent: Message) -> list[tuple[str, tuple[int, ...]]]:
-    """(block, shape) in the order a masked vector holds them: the reply's blocks by name."""
-    return [(k, tuple(shape)) for k, (shape, _) in sorted(method.expected_reply(sent).items())]
-
-
 def reply_problem(reply: Message, length: int, num_samples: int) -> str | None:
     """Why a masked reply cannot be summed (None when it can): one int32 vector of `length`
     and the sample count the client registered."""
@@ -167,27 +166,19 @@ def reply_problem(reply: Message, length: int, num_samples: int) -> str | None:
     return None
 
 
-def unmask(sent: Message, blocks: list[tuple[str, tuple[int, ...]]], replies: dict[int, Message],
-           revealed: dict[tuple[int, int], bytes]) -> Message:
-    """The one reply the round's masked `replies` (client id -> reply) stand for: the broadcast
-    blocks plus the weighted mean update, the weighted mean loss and the total sample count.
-    `revealed[(i, j)]`: replying client i's pair seed with j, a sampled client that sent nothing."""
+def unmask(sent: Message, replies: dict[int, Message], revealed: dict[tuple[int, int], bytes]):
+    """(mean summand as float64, mean loss, total samples) of the round's masked `replies`
+    (client id -> reply), weighted by sample counts. `revealed[(i, j)]`: replying client i's
+    pair seed with j, a sampled client that sent nothing."""
     roster = roster_of(sent)
-    total = np.zeros(sum(math.prod(s) for _, s in blocks) + 1, dtype=np.uint32)
+    total = np.zeros(len(next(iter(replies.values())).tensors[MASKED]), dtype=np.uint32)
     for reply in replies.values():
         total += reply.tensors[MASKED].numpy().view(np.uint32)
     for (i, j), seed in sorted(revealed.items()):
         apply_mask(total, seed, -1 if i < j else +1)  # take out what i added for j
     weight = sum(roster[c][1] for c in replies)
-    mean = total.view(np.int32).astype(np.float64) / 2.0 ** FRAC_BITS / weight
-    out, at = {}, 0
-    for key, shape in blocks:
-        n = math.prod(shape)
-        x = sent.tensors[key]
-        out[key] = (x.double() + torch.from_numpy(mean[at:at + n].reshape(shape))).to(x.dtype)
-        at += n
-    return Message(out, {"num_samples": int(sum(r.meta["num_samples"] for r in replies.values())),
-                         "loss": float(mean[-1])})
+    mean = torch.from_numpy(total.view(np.int32).astype(np.float64) / 2.0 ** FRAC_BITS / weight)
+    return mean[:-1], float(mean[-1]), int(sum(r.meta["num_samples"] for r in replies.values()))
 
 
 def recovery_bytes(requests: dict[int, dict[int, bytes]]) -> int:
@@ -209,8 +200,7 @@ class SecureAggregation:
         announce(sent, sampled, self.roster, round_, attempt)
 
     def reply_problem(self, reply: Message, client_id: int, sent: Message) -> str | None:
-        length = sum(math.prod(s) for _, s in layout(self.method, sent)) + 1
-        return reply_problem(reply, length, self.roster[client_id][1])
+        return reply_problem(reply, self.method.summand_size(sent) + 1, self.roster[client_id][1])
 
     def unmask(self, attempt, sent: Message, round_: int, try_: int, clients) -> bool:
         """Replace the attempt's masked replies by the one reply they stand for; the replying
@@ -227,5 +217,6 @@ class SecureAggregation:
                                   f"with the silent clients {silent}; the round's sum cannot be unmasked")
             attempt.replies = []
             return False
-        attempt.replies = [unmask(sent, layout(self.method, sent), kept, revealed)]
+        mean, loss, samples = unmask(sent, kept, revealed)
+        attempt.replies = [self.method.from_mean(mean, sent, {"num_samples": samples, "loss": loss})]
         return True

@@ -84,9 +84,10 @@ def train(msg: FlowerMessage, context: Context) -> FlowerMessage:
     reply = client_reply(method, model, down, data, cfg.seed, int(job["round"]), data.client_id,
                          attack(job["finetune"], int(job["num_clients"])))
     if cfg.secagg.enabled:  # only the masked vector leaves the device
-        from edgetune.federated.secagg import mask
+        from edgetune.federated.secagg import masked_reply
 
-        reply = mask(reply, down, client_key(context, data.client_id), data.client_id, cfg.secagg.clip)
+        reply = masked_reply(method, reply, down, client_key(context, data.client_id), data.client_id,
+                             cfg.secagg.clip)
     node_info = ConfigRecord({"synced": version, "peak_rss_mb": peak_rss_mb()})  # beside the metered reply
     return FlowerMessage(to_records(reply, **{NODE: node_info}), reply_to=msg)
 

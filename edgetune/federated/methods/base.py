@@ -65,6 +65,21 @@ class FederatedMethod(ABC):
         the client (SCAFFOLD's correction, scaffold.py); None: the broadcast is all it gets."""
         return None
 
+    # ----------------------------------------------------------------- secure aggregation (secagg.py)
+    def summand(self, reply: Message, down: Message):
+        """What `reply` adds to the round's sum under finetune.secagg: fresh float64 CPU tensors,
+        one at a time (config.secagg_fits admits only methods that define it)."""
+        raise NotImplementedError(f"{self.name}'s replies have no sum the server could fold")
+
+    def summand_size(self, down: Message) -> int:
+        """How many numbers `summand` yields for a reply to `down`."""
+        raise NotImplementedError(f"{self.name}'s replies have no sum the server could fold")
+
+    def from_mean(self, mean: torch.Tensor, down: Message, meta: dict) -> Message:
+        """The one reply that the clients' sample-weighted mean summand stands for (`meta`: the
+        round's total num_samples and mean loss), for `aggregate` to fold like the plain mean."""
+        raise NotImplementedError(f"{self.name}'s replies have no sum the server could fold")
+
     def required_reply(self, down: Message) -> tuple[str, ...]:
         """The tensors every reply to `down` must carry (default: all it may send)."""
         return tuple(self.expected_reply(down))

@@ -96,6 +96,18 @@ class FedKSeed(SeedScalarMethod):
         return {"history": torch.cat([state["history"], scalars[None]]),
                 "round": state["round"] + 1}
 
+    def summand(self, reply, down):
+        """Secure aggregation sums the scalars over the K candidates, as `aggregate` does."""
+        scalars = torch.zeros(len(self.candidates), dtype=torch.float64)
+        yield scalars.index_add_(0, reply.tensors["index"].long(), reply.tensors["grads"].double())
+
+    def summand_size(self, down):
+        return len(self.candidates)
+
+    def from_mean(self, mean, down, meta):
+        drawn = torch.nonzero(mean).flatten()
+        return self.stamp(Message({"index": drawn.to(torch.int32), "grads": mean[drawn].float()}, meta))
+
     def replay_pairs(self, scalars: torch.Tensor) -> tuple[list[int], list[float]]:
         nonzero = torch.nonzero(scalars).flatten().tolist()
         return [self.candidates[j] for j in nonzero], scalars[nonzero].tolist()

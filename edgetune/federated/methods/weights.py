@@ -160,6 +160,22 @@ class WeightMethod(FederatedMethod):
             self.scaffold.update(state, replies)
         return new
 
+    def summand(self, reply, down):
+        """Secure aggregation sums updates, block by block in name order: y_i - x in float64."""
+        for k in sorted(self.blocks):  # a CUDA client's blocks come to the CPU here
+            yield reply.tensors[k].detach().to("cpu", torch.float64, copy=True).sub_(down.tensors[k].cpu().double())
+
+    def summand_size(self, down):
+        return sum(p.numel() for p in self.blocks.values())
+
+    def from_mean(self, mean, down, meta):
+        out, at = {}, 0
+        for k in sorted(self.blocks):
+            x = down.tensors[k]
+            out[k] = (x.double() + mean[at:at + x.numel()].reshape(x.shape)).to(x.dtype)
+            at += x.numel()
+        return Message(out, meta)
+
     def checkpoint_state(self):
         saved = {**super().checkpoint_state(), "server": self.server.state_dict()}
         return {**saved, "scaffold": self.scaffold.state_dict()} if self.scaffold else saved
