@@ -29,20 +29,26 @@ def model_dir(arg: str | None) -> Path:
     return out
 
 
-def case_arguments(p, methods: list[str]) -> None:
-    """The arguments every side-by-side benchmark of federated cases takes (methods.py,
-    time_to_accuracy.py): model, clients, dev split, params, cases and their overrides."""
+def scorer_arguments(p) -> None:
+    """What DevScorer reads: the model, the partition stage's clients, the dev split, the params
+    and the task."""
     p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
     p.add_argument("--partitions", default="data/partitions")
     p.add_argument("--eval", default="data/prepared/eval.parquet")
     p.add_argument("--params", default="params.yaml")
+    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
+    p.add_argument("--task", default="sst2", help="task whose label words score the prompts")
+
+
+def case_arguments(p, methods: list[str]) -> None:
+    """The arguments every side-by-side benchmark of federated cases takes (methods.py,
+    time_to_accuracy.py): DevScorer's (scorer_arguments), cases and their overrides."""
+    scorer_arguments(p)
     p.add_argument("--methods", nargs="+", metavar="LABEL", default=methods,
                    help="cases to run; a label that is not a method name needs --set LABEL:method=NAME "
                    "(e.g. two configurations of one method side by side)")
     p.add_argument("--set", action="append", default=[], metavar="LABEL:KEY=VALUE",
                    help="per-case finetune override, e.g. fedkseed:zo.lr=1e-3 (repeatable)")
-    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
-    p.add_argument("--task", default="sst2", help="task whose label words score the prompts")
     p.add_argument("--local-steps", type=int)
 
 

@@ -117,13 +117,10 @@ def seed_scalar_bytes(scorer, cfg) -> dict:
 
 
 def main(argv=None) -> None:
+    from benchmarks.common import scorer_arguments
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="HF folder (default: models/base or the packaged SmolLM2)")
-    p.add_argument("--partitions", default="data/partitions")
-    p.add_argument("--eval", default="data/prepared/eval.parquet")
-    p.add_argument("--params", default="params.yaml")
-    p.add_argument("--max-eval", type=int, help="first N dev examples (default: all)")
-    p.add_argument("--task", default="sst2")
+    scorer_arguments(p)
     p.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 16], help="clients per round (part 1)")
     p.add_argument("--full-clients", type=int, nargs="+", default=[2, 4],
                    help="clients per round for every weight (fedfull; 0.5 GB per mask stream)")
