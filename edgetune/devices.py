@@ -51,6 +51,13 @@ def resolve(name: str = "cpu"):
     return torch.device(name)
 
 
+def check(name: str) -> None:
+    """resolve's BadInput, without importing torch where nothing can be missing (auto falls back
+    to the CPU; cpu is always there): for processes that only hand the model to a child."""
+    if name not in ("auto", "cpu"):
+        resolve(name)
+
+
 def mps_available() -> bool:
     import torch
 

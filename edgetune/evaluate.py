@@ -142,8 +142,8 @@ def evaluate_isolated(model_dir: str, data_dir: str, task_name: str, cfg: Evalua
                       name: str | None = None, runtime: ModelParams | None = None) -> dict:
     """evaluate_model in a fresh spawned process, so peak memory is this model's alone."""
     if runtime is not None:
-        from edgetune.devices import resolve
+        from edgetune.devices import check
 
-        resolve(runtime.device)  # bad input (exit 2) here rather than inside the process
+        check(runtime.device)  # bad input (exit 2) here rather than inside the process
     with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
         return pool.submit(evaluate_model, model_dir, data_dir, task_name, cfg, 128, name, runtime).result()

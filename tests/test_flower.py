@@ -79,23 +79,14 @@ def assert_rounds_match(local: list[RoundLog], flower: list[RoundLog], tensors: 
         assert 0 < down - sent * b.bytes_down_per_client < sent * (overhead + job_bytes)
 
 
-def test_keyed_fedkseed_on_the_deployment_engine_matches_the_local_backend(tiny_model_dir, partitions, tmp_path):
-    """FedKSeed-LoRA with keyed seeds and sealed messages: the ClientApps read the federation key
-    on their node; a node sampled after missed rounds catches up; one client alters its reply
-    after sealing it, and the ServerApp rejects that reply before aggregation (logged, its bytes
-    metered). Same clients, losses, bytes and final state as the local backend, bit for bit."""
+def keyed_fedkseed(tmp_path) -> dict:
+    """FedKSeed-LoRA with keyed seeds and sealed messages (the ClientApps read the federation key
+    on their node), one client altering its reply after sealing it."""
     key = tmp_path / "federation.key"
     key.write_text("5e" * 32)
     raw = {**finetune_params("fedkseed", rounds=3), "attack": {"fraction": 0.25, "kind": "tampered"}}
     raw["zo"] = {**raw["zo"], "secret": f"file:{key}"}
-    _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
-    cfg = FinetuneParams(**raw, backend="flower")
-    summary, flower, flower_state = run(tiny_model_dir, partitions, tmp_path / "flower", cfg)
-    assert same(local_state, flower_state)  # bit-identical global state
-    assert [h.rejected for h in local] == [[], [0], [0]]  # the seeded attacker, whenever sampled
-    assert_rounds_match(local, flower, len(local_state), len(cfg.model_dump_json()))
-    assert summary["bytes_catchup_total"] > 0  # a client sampled after missed rounds got them
-    assert (tmp_path / "flower" / "merged" / "config.json").is_file()
+    return raw
 
 
 def test_fedit_with_secure_aggregation_on_the_deployment_engine_matches_the_local_backend(
@@ -192,17 +183,20 @@ def kill_federation(proc: subprocess.Popen) -> None:
             pass
 
 
-@pytest.mark.parametrize("method", ["fedkseed"])  # fedit: killed and resumed on the local backend
-def test_a_killed_federation_resumes_bit_identically(tiny_model_dir, partitions, tmp_path, method):
-    """kill -9 of the whole federation after a round, then the stage again: it goes on from the
-    ServerApp's last saved round and ends as the local backend (= an uninterrupted Flower run).
-    One method per backend: FedKSeed here (restarted SuperNodes catch up on missed broadcasts),
-    FedIT in test_resume.py; every method's resume bookkeeping is test_resume.py's
+def test_keyed_fedkseed_killed_on_the_deployment_engine_resumes_as_the_local_backend(
+        tiny_model_dir, partitions, tmp_path):
+    """Keyed FedKSeed (keyed_fedkseed) on the Deployment Engine, kill -9 of the whole federation
+    after a round, then the stage again: the ServerApp goes on from its last saved round, the
+    restarted SuperNodes catch up on the broadcasts they missed, the tampered replies are
+    rejected before aggregation (logged, their bytes metered), and the run ends as the local
+    backend, bit for bit: same clients, losses, rejections and final state. FedIT is killed and
+    resumed on the local backend in test_resume.py, where every method's resume bookkeeping is
     test_every_method_resumes_bit_identically."""
     from tests.test_resume import kill_after_round, start
 
-    raw = finetune_params(method, rounds=3)
+    raw = keyed_fedkseed(tmp_path)
     _, local, local_state = run(tiny_model_dir, partitions, tmp_path / "local", FinetuneParams(**raw))
+    assert [h.rejected for h in local] == [[], [0], [0]]  # the seeded attacker, whenever sampled
     folder = tmp_path / "cut"
     folder.mkdir()
     params = {"partition": {"num_clients": NUM_CLIENTS}, "tracking": {"experiment": "resume"},
@@ -215,5 +209,9 @@ def test_a_killed_federation_resumes_bit_identically(tiny_model_dir, partitions,
     assert second.returncode == 0, err[-3000:]
     assert same(local_state, load_file(folder / "out" / "checkpoint" / "global.safetensors"))
     record = json.loads((folder / "out.flower" / "history.json").read_text())
-    assert [(h.clients, h.train_loss) for h in local] == [(h["clients"], h["train_loss"]) for h in record["history"]]
+    resumed = [RoundLog(**h) for h in record["history"]]
+    job_bytes = len(FinetuneParams(**raw, backend="flower").model_dump_json())
+    assert_rounds_match(local, resumed, len(local_state), job_bytes)  # rejections and bytes too
+    assert sum(h.extra["bytes_catchup"] for h in resumed) > 0  # restarted nodes replayed missed rounds
+    assert (folder / "out" / "merged" / "config.json").is_file()
     assert not (folder / "out.resume").exists()

@@ -23,9 +23,9 @@ def finetune_on_flower(base_dir: Path, partitions: Path, task: str, cfg: Finetun
     preflight(base_dir, cfg, num_clients)
     job, path = write_job(base_dir, partitions, task, cfg, out_dir, num_clients, resume)
     if runtime is not None:
-        from edgetune.devices import resolve
+        from edgetune.devices import check
 
-        resolve(runtime.device)  # bad input here, not in every ClientApp
+        check(runtime.device)  # bad input here, not in every ClientApp
         job.runtime = runtime.model_dump(mode="json")
         job.write(path)
     with ExitStack() as stack:
