@@ -38,7 +38,7 @@ def main(argv=None) -> None:
 
     from benchmarks.common import RESULTS, DevScorer, method_config, parse_overrides, save
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.setup import attack_of, centralize, prepare
+    from edgetune.federated.setup import centralize, engine_options, prepare
 
     score = DevScorer(args)  # params, clients, dev rows, and the zero-shot scores
     params, path, clients = score.params, score.path, score.clients
@@ -58,8 +58,7 @@ def main(argv=None) -> None:
             use, rate, cfg = centralize(clients, cfg)
         method, model = prepare(path, score.task, cfg, len(use), rate)
         t0 = time.perf_counter()
-        state, history = run_federation(method, model, use, num_rounds=cfg.num_rounds,
-                                        sample_rate=rate, seed=cfg.seed, attack=attack_of(cfg, len(use)))
+        state, history = run_federation(method, model, use, **engine_options(cfg, use))
         minutes = (time.perf_counter() - t0) / 60
         method.apply_global(model, state)
         results[name] = {

@@ -7,7 +7,9 @@ each robust rule (median, trimmed mean beta 0.2, Multi-Krum f 2, clipped mean), 
 clean run, scored on the whole dev split (872).
 
 DP (`--part dp`, results/dp_<method>.json): client-level DP at two noise levels, 5 of the 10
-clients per round (sampling amplifies privacy), with the epsilon they spend.
+clients per round (sampling amplifies privacy), with the epsilon they spend. `--part dp-secagg`
+(results/dp_secagg_<method>.json): the first level again, under secure aggregation with the
+server's noise and with the clients' shares.
 
 Every case is a run of the real engine on the real model through benchmarks/methods.py (same
 clients, same budget, the global model scored on the dev split).
@@ -16,6 +18,7 @@ clients, same budget, the global model scored on the dev split).
     python -m benchmarks.robustness --method fedkseed
     python -m benchmarks.robustness --method fedit --part dp    # -> results/dp_fedit.json
     python -m benchmarks.robustness --method fedkseed --part keyed  # -> results/keyed_fedkseed.json
+    python -m benchmarks.robustness --method fedkseed --part dp-secagg  # -> results/dp_secagg_fedkseed.json
     python -m benchmarks.robustness --table                     # -> results/robustness.md
 
 The 10-client partition is made once by the partition stage into benchmarks/.cache/robust/.
@@ -117,7 +120,21 @@ def dp_cases(method: str) -> dict[str, dict]:
     return out
 
 
-RESULTS_PREFIX = {"attacks": "robust", "dp": "dp", "keyed": "keyed"}  # --part -> results/<prefix>_<method>.json
+def dp_secagg_cases(method: str) -> dict[str, dict]:
+    """label -> finetune overrides: DP at the first noise level, central (the reference) and under
+    secure aggregation with the server's noise, then with the clients' shares planned for 5
+    replies (= the clients per round: the central noise exactly) and for 2 (more noise, dropouts
+    allowed)."""
+    z = DP_NOISE[0]
+    central = dp_cases(method)[f"dp/z{z}"]
+    secure = {**central, "secagg.enabled": True, "min_clients": 2}
+    return {f"dp/z{z}": central, f"dp/z{z}/secagg-server": secure,  # MLflow names: no "+"
+            f"dp/z{z}/secagg-clients-t5": {**secure, "dp.noise": "clients", "min_clients": 5},
+            f"dp/z{z}/secagg-clients-t2": {**secure, "dp.noise": "clients"}}
+
+
+# --part -> results/<prefix>_<method>.json
+RESULTS_PREFIX = {"attacks": "robust", "dp": "dp", "keyed": "keyed", "dp-secagg": "dp_secagg"}
 
 
 def results_name(method: str, part: str) -> str:
@@ -128,8 +145,8 @@ def run(method: str, args) -> None:
     from benchmarks import methods
 
     parts = partition(CACHE / "robust", args.prepared)
-    if args.part == "dp":
-        labels = dp_cases(method)
+    if args.part in ("dp", "dp-secagg"):
+        labels = (dp_cases if args.part == "dp" else dp_secagg_cases)(method)
     else:
         labels = (keyed_cases if args.part == "keyed" else attack_cases)(method, args.zo_k)
     name = args.name or results_name(method, args.part)
@@ -195,6 +212,18 @@ def dp_table(method: str, res: dict, params: dict) -> list[str]:
     return lines + [""]
 
 
+def dp_secagg_table(method: str, res: dict, params: dict) -> list[str]:
+    lines = [f"### {method}: DP under secure aggregation ({params.get('eval_examples')} dev examples)", "",
+             "| case | epsilon (delta 1e-5) | accuracy | bytes / client / round | minutes |", "|---|---|---|---|---|"]
+    zero_shot = res["zero_shot"]["accuracy"]
+    lines[0] = lines[0][:-1] + f", zero-shot {zero_shot:.3f})"
+    for label in params["methods"].split(","):  # the order they ran in
+        row = res[label]
+        lines.append(f"| {label} | {row.get('dp_epsilon', float('nan')):.2f} | {row['accuracy']:.3f} | "
+                     f"{row['bytes_per_client_round']:,.0f} | {row['minutes']:.1f} |")
+    return lines + [""]
+
+
 def table() -> str:
     """Markdown: per method, accuracy by attack (rows) and rule (columns) vs clean, then DP."""
     lines = []
@@ -203,14 +232,17 @@ def table() -> str:
             lines += attack_table(method, *found)
         if (found := load(f"dp_{method}")) is not None:
             lines += dp_table(method, *found)
+        if (found := load(f"dp_secagg_{method}")) is not None:
+            lines += dp_secagg_table(method, *found)
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", choices=sorted(METHODS))
-    p.add_argument("--part", choices=["attacks", "dp", "keyed"], default="attacks",
-                   help="keyed (fedkseed): a federation key's sealed messages against replayed_seeds")
+    p.add_argument("--part", choices=list(RESULTS_PREFIX), default="attacks",
+                   help="keyed (fedkseed): a federation key's sealed messages against replayed_seeds; "
+                   "dp-secagg: DP under secure aggregation, the server's or the clients' noise")
     p.add_argument("--only", nargs="+", metavar="LABEL", help="run only these cases (e.g. clean sign_flip/krum)")
     p.add_argument("--name", help="results file name (default robust_ / dp_ / keyed_<method>); e.g. to run "
                    "some cases in a second process, then --merge its file")

@@ -321,6 +321,12 @@ class PrivacyParams(Section):
     clip: float = Field(1.0, gt=0, description="largest L2 norm of a client's update (weights: its "
                         "blocks minus the global ones; fedkseed: its scalars)")
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) reported")
+    noise: Literal["server", "clients"] = Field(
+        "server", description="who adds the noise: server (central DP) | clients (each its share "
+        "before masking: distributed DP, needs finetune.secagg)")
+    noise_entropy: Literal["seed", "device"] = Field(
+        "seed", description="noise: clients draws its shares from seed (finetune.seed: reproducible; "
+        "a server knowing the params could regenerate them) | device (each client's own entropy)")
 
     @property
     def enabled(self) -> bool:
@@ -463,6 +469,16 @@ class FinetuneParams(Section):
         if self.dp.enabled and rule != "mean":
             raise ValueError(f"finetune.dp: noise is added to the clipped mean; set "
                              f"finetune.aggregation.rule to mean (got {rule})")
+        if self.dp.noise == "clients" and not self.dp.enabled:
+            raise ValueError("finetune.dp.noise: clients, but finetune.dp.noise_multiplier is 0 (DP off): "
+                             "there is no noise to share; set noise_multiplier")
+        if self.dp.noise == "clients" and not self.secagg.enabled:
+            raise ValueError("finetune.dp.noise: clients add their shares of the noise to their own "
+                             "replies, which without finetune.secagg reach the server each with "
+                             "1/sqrt(min_clients) of it; enable finetune.secagg or use noise server")
+        if self.dp.noise_entropy == "device" and self.dp.noise != "clients":
+            raise ValueError("finetune.dp.noise_entropy: device is where the clients draw their noise "
+                             "shares from; it takes finetune.dp.noise clients")
         return self
 
     @property
@@ -509,11 +525,14 @@ class FinetuneParams(Section):
         """What shapes training, for resume fingerprints: the params and the values their `auto`
         knobs stand for (a changed default must not resume a run made under the old one).
         zo.average_rounds only changes the saved model, so a run resumes across it; proximal_mu
-        at 0, client_optimizer adamw, scaffold off and secagg off are left out, so a run made
-        before those knobs resumes."""
+        at 0, client_optimizer adamw, scaffold off, secagg off and dp's noise server / seed are left
+        out, so a run made before those knobs resumes."""
         key = {**self.model_dump(mode="json"), **self.resolved()}
         if not key["secagg"]["enabled"]:
             key.pop("secagg")
+        for knob, default in (("noise", "server"), ("noise_entropy", "seed")):
+            if key["dp"][knob] == default:
+                key["dp"].pop(knob)
         if not key["scaffold"]:
             key.pop("scaffold")
         if not key["proximal_mu"]:
@@ -566,8 +585,6 @@ def secagg_fits(cfg: FinetuneParams) -> None:
         why = every_block_problem(cfg)
     if why is None and cfg.scaffold:
         why = "SCAFFOLD computes each client's control variate from its own reply, which the masks hide"
-    elif why is None and cfg.dp.enabled:
-        why = "DP clips each client's update on the server, which sees only the masked sum"
     elif why is None and cfg.aggregation.rule != "mean":
         why = f"a robust rule ({cfg.aggregation.rule}) compares the clients' replies, which the masks hide"
     elif why is None and cfg.min_clients < 2:

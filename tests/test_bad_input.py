@@ -187,6 +187,8 @@ CASES = [
          {"finetune": {"method": "fedkseed", "scaffold": True}}),
     Case("params-secagg-with-one-client-minimum", "finetune", "finetune.secagg: the sum of one reply",
          {"finetune": {"secagg": {"enabled": True}}}),
+    Case("params-dp-client-noise-without-secagg", "finetune", "finetune.dp.noise: clients add their shares",
+         {"finetune": {"dp": {"noise_multiplier": 1.0, "noise": "clients"}}}),
     Case("params-bad-seed-attack-on-weights", "finetune", "finetune.attack.kind: bad_seed",
          {"finetune": {"attack": {"fraction": 0.5, "kind": "bad_seed"}}}),
     # the memorization audit (edgetune/audit.py): checked before any row is planted

@@ -154,7 +154,6 @@ def test_fedkseed_with_secure_aggregation_sums_its_scalars_over_the_candidates(t
     ({"method": "fedkseed", "zo": {"secret": "env:KEY"}}, "the MACs of keyed seeds"),
     ({"method": "fedselft"}, "send only some blocks"),
     ({"scaffold": True}, "SCAFFOLD computes each client's control variate"),
-    ({"dp": {"noise_multiplier": 1.0}}, "DP clips each client's update on the server"),
     ({"aggregation": {"rule": "median"}}, "a robust rule (median)"),
     ({"min_clients": 1}, "the sum of one reply is that client's update"),
 ])

@@ -34,8 +34,10 @@ clients, the sample counts (public, as in plain FedAvg) and who replied. It assu
 follows the protocol: a server that claims a client dropped when it did not can have its pair
 seeds revealed and unmask it (Bonawitz et al.'s double masking with Shamir-shared self-masks
 closes this; not built here). Clients that collude with the server learn the sum of the others.
-Nothing can check a reply's content: robust rules, SCAFFOLD (per-client replies), the
-server-side clipping of DP and the MACs of keyed seeds are refused with it (config.secagg_fits).
+Nothing can check a reply's content: robust rules, SCAFFOLD (per-client replies) and the MACs
+of keyed seeds are refused with it (config.secagg_fits). finetune.dp moves its clipping to the
+clients, each summand weighing 1/m (DP's fixed denominator), and its noise to the unmasked sum
+or, with dp.noise: clients, into the replies themselves (privacy.py).
 
 Written by hand: Flower's SecAgg+ (secaggplus_mod / SecAggPlusWorkflow) serves one client per
 SuperNode, legacy FitIns/FitRes messages and the Strategy loop, none of which edgetune's one
@@ -113,14 +115,17 @@ def roster_of(down: Message) -> dict[int, tuple[bytes, float]]:
 
 
 # --------------------------------------------------------------------------- client side
-def quantized(parts, size: int, loss: float, weight: float, clip: float) -> np.ndarray:
+def quantized(parts, size: int, loss: float, weight: float, clip: float,
+              summand_weight: float | None = None) -> np.ndarray:
     """w * [the summand's parts clamped to +-clip, loss] in fixed point, mod 2^32. `parts`:
     `size` numbers as fresh float64 CPU tensors (a method's summand), scaled in place one at a
-    time, so a full model needs one block's temporaries, not the model's."""
+    time, so a full model needs one block's temporaries, not the model's. `summand_weight`
+    (DP: 1/m) weighs the parts instead of w."""
     out = np.empty(size + 1, dtype=np.uint32)
     scale, at = weight * 2.0 ** FRAC_BITS, 0
+    part_scale = scale if summand_weight is None else summand_weight * 2.0 ** FRAC_BITS
     for part in parts:
-        fixed = part.nan_to_num_().clamp_(-clip, clip).mul_(scale).round_().to(torch.int64).flatten()
+        fixed = part.nan_to_num_().clamp_(-clip, clip).mul_(part_scale).round_().to(torch.int64).flatten()
         out[at:at + fixed.numel()] = fixed.numpy().astype(np.uint32)  # two's complement: wraps mod 2^32
         at += fixed.numel()
     loss = min(loss, LOSS_CAP) if math.isfinite(loss) else LOSS_CAP
@@ -129,11 +134,13 @@ def quantized(parts, size: int, loss: float, weight: float, clip: float) -> np.n
 
 
 def mask(parts, size: int, meta: dict, down: Message, key: X25519PrivateKey, client_id: int,
-         clip: float) -> Message:
+         clip: float, fixed_denominator: bool = False) -> Message:
     """Client `client_id`'s masked reply: its weighted summand (`parts`, `size` numbers) and
-    loss, hidden by one mask per other sampled client; the sample count stays in the clear."""
+    loss, hidden by one mask per other sampled client; the sample count stays in the clear.
+    `fixed_denominator` (DP): the summand weighs 1 / the number sampled, the loss w_i."""
     roster = roster_of(down)
-    total = quantized(parts, size, float(meta["loss"]), roster[client_id][1], clip)
+    total = quantized(parts, size, float(meta["loss"]), roster[client_id][1], clip,
+                      1 / len(roster) if fixed_denominator else None)
     for peer, (peer_key, _) in roster.items():
         if peer != client_id:
             seed = pair_seed(key, peer_key, int(down.meta["secagg_round"]), int(down.meta["secagg_attempt"]))
@@ -143,8 +150,15 @@ def mask(parts, size: int, meta: dict, down: Message, key: X25519PrivateKey, cli
 
 def masked_reply(method, reply: Message, down: Message, key: X25519PrivateKey, client_id: int,
                  clip: float) -> Message:
-    """What a client sends under secure aggregation: its reply's summand (method.summand), masked."""
-    return mask(method.summand(reply, down), method.summand_size(down), reply.meta, down, key, client_id, clip)
+    """What a client sends under secure aggregation: its reply's summand (method.summand), with
+    finetune.dp clipped by the client and noised when it adds the noise (privacy.py), masked."""
+    def summand():
+        return method.summand(reply, down)
+
+    dp = method.privacy
+    parts = dp.client_share(summand, client_id, int(down.meta["secagg_round"]),
+                            int(down.meta["secagg_attempt"])) if dp else summand()
+    return mask(parts, method.summand_size(down), reply.meta, down, key, client_id, clip, fixed_denominator=bool(dp))
 
 
 def reveal(key: X25519PrivateKey, peers: dict[int, bytes], round_: int, attempt: int) -> dict[int, bytes]:
@@ -166,10 +180,12 @@ def reply_problem(reply: Message, length: int, num_samples: int) -> str | None:
     return None
 
 
-def unmask(sent: Message, replies: dict[int, Message], revealed: dict[tuple[int, int], bytes]):
+def unmask(sent: Message, replies: dict[int, Message], revealed: dict[tuple[int, int], bytes],
+           fixed_denominator: bool = False):
     """(mean summand as float64, mean loss, total samples) of the round's masked `replies`
-    (client id -> reply), weighted by sample counts. `revealed[(i, j)]`: replying client i's
-    pair seed with j, a sampled client that sent nothing."""
+    (client id -> reply), weighted as announced. `revealed[(i, j)]`: replying client i's pair
+    seed with j, a sampled client that sent nothing. `fixed_denominator` (DP): the summand's
+    sum as it is (weights 1/m), not divided by the replying clients' share of the weight."""
     roster = roster_of(sent)
     total = np.zeros(len(next(iter(replies.values())).tensors[MASKED]), dtype=np.uint32)
     for reply in replies.values():
@@ -177,8 +193,9 @@ def unmask(sent: Message, replies: dict[int, Message], revealed: dict[tuple[int,
     for (i, j), seed in sorted(revealed.items()):
         apply_mask(total, seed, -1 if i < j else +1)  # take out what i added for j
     weight = sum(roster[c][1] for c in replies)
-    mean = torch.from_numpy(total.view(np.int32).astype(np.float64) / 2.0 ** FRAC_BITS / weight)
-    return mean[:-1], float(mean[-1]), int(sum(r.meta["num_samples"] for r in replies.values()))
+    summed = torch.from_numpy(total.view(np.int32).astype(np.float64) / 2.0 ** FRAC_BITS)
+    mean = summed[:-1] if fixed_denominator else summed[:-1] / weight
+    return mean, float(summed[-1] / weight), int(sum(r.meta["num_samples"] for r in replies.values()))
 
 
 def recovery_bytes(requests: dict[int, dict[int, bytes]]) -> int:
@@ -217,6 +234,6 @@ class SecureAggregation:
                                   f"with the silent clients {silent}; the round's sum cannot be unmasked")
             attempt.replies = []
             return False
-        mean, loss, samples = unmask(sent, kept, revealed)
+        mean, loss, samples = unmask(sent, kept, revealed, fixed_denominator=self.method.privacy is not None)
         attempt.replies = [self.method.from_mean(mean, sent, {"num_samples": samples, "loss": loss})]
         return True

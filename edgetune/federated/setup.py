@@ -75,7 +75,7 @@ def prepare(base_dir: Path, task, cfg: FinetuneParams, num_clients: int, sample_
         method.precision = MixedPrecision(device, runtime.dtype)
     if cfg.dp.enabled:
         method.privacy = GaussianMechanism(cfg.dp, cfg.seed, clients_per_round(num_clients, sample_rate),
-                                           num_clients)
+                                           num_clients, cfg.min_clients if cfg.secagg.enabled else None)
     if cfg.scaffold:
         method.scaffold = ControlVariates(num_clients, cfg.local_steps, cfg.client_lr)
     return method, model
