@@ -43,7 +43,8 @@ check: setup
 run: setup
 	$(BIN)/python -m flows.pipeline
 
-# Two workers (pytest-xdist) for this 2-core machine; test-fast gives each one thread (more
+# Two workers (pytest-xdist) for this 2-core machine (three: pytest 1,289 s against 1,190 s, though
+# the CPUs idle 20% of a two-worker run: the pipeline tests wait on subprocesses); test-fast gives each one thread (more
 # oversubscribe it: 193 s -> 172 s), not make test, whose real-model flows got slower with one
 # (pytest 1,033 -> 1,218 s on CI); OMP_NUM_THREADS in the environment overrides it. A whole test
 # file at a time, so module fixtures build once, the longest first (tests/conftest.py
