@@ -159,11 +159,14 @@ def federate(tiny_model_dir, clients, cfg, resume=None, crash_after=None):
     ("fedit", {"scaffold": True}),
     ("fedit", {"secagg": {"enabled": True}, "min_clients": 2}),
     ("fedkseed-pro", {"dp": {"noise_multiplier": 1.0, "clip": 0.5}, "dropout": 0.3}),
+    ("fedkseed", {"dp": {"noise_multiplier": 1.0, "clip": 0.5, "noise": "clients"}, "secagg": {"enabled": True},
+                  "min_clients": 2}),
 ])
 def test_every_method_resumes_bit_identically(tiny_model_dir, sst2_prompts, tmp_path, method, extra):
     """The restore path of each method's own state (FwdLLM's direction and n on top of JOB's
     pairs, FedSelFT's selection, the server optimizer, the DP round counter, SCAFFOLD's control
-    variates; secure aggregation's keys are made afresh, its sums the same), in process."""
+    variates; secure aggregation's keys are made afresh, its sums the same, and the clients' DP
+    noise shares drawn again the same), in process."""
     import torch
 
     from edgetune.config import FinetuneParams
