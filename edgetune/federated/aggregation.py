@@ -38,13 +38,14 @@ from edgetune.config import AggregationParams
 from edgetune.federated.protocol import Message
 
 
-def update_norm(update: torch.Tensor | list[torch.Tensor]) -> float:
-    """The L2 norm of an update (one tensor or several, one norm over all), in float64."""
-    parts = update if isinstance(update, list) else [update]
+def update_norm(update) -> float:
+    """The L2 norm of an update (one tensor, or several in any iterable: one norm over all, read
+    one at a time), in float64."""
+    parts = [update] if isinstance(update, torch.Tensor) else update
     return float(torch.sqrt(sum(p.double().pow(2).sum() for p in parts)))
 
 
-def clip(update: torch.Tensor | list[torch.Tensor], tau: float) -> float:
+def clip(update, tau: float) -> float:
     """The factor min(1, tau / ||update||) that brings an update to norm at most tau."""
     norm = update_norm(update)
     return min(1.0, tau / norm) if norm > 0 else 1.0

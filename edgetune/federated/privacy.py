@@ -87,10 +87,10 @@ class GaussianMechanism:
 
     # ----------------------------------------------------------------- client side (with secagg)
     def client_share(self, summand, client_id: int, round_: int, attempt: int):
-        """The client's summand (`summand()`: a fresh generator of float64 CPU tensors, read twice:
-        once for the norm) scaled to L2 norm <= clip, plus with dp.noise: clients its share of
-        the noise, std noise_multiplier x clip / sqrt(min_clients)."""
-        factor = clip(list(summand()), self.cfg.clip)
+        """The client's summand (`summand()`: a fresh generator of float64 CPU tensors, read twice,
+        one tensor at a time: once for the norm) scaled to L2 norm <= clip, plus with dp.noise:
+        clients its share of the noise, std noise_multiplier x clip / sqrt(min_clients)."""
+        factor = clip(summand(), self.cfg.clip)
         gen, std = None, self.cfg.noise_multiplier * self.cfg.clip / math.sqrt(self.min_clients)
         if self.cfg.noise == "clients":
             gen = torch.Generator().manual_seed(self.share_seed(client_id, round_, attempt))
