@@ -22,14 +22,11 @@ def main(argv=None) -> None:
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
 
-    import torch
-
     from benchmarks.common import model_dir, save
     from edgetune.config import load_params
     from edgetune.federated import registry
     from edgetune.federated.engine import ClientData, run_federation
-    from edgetune.federated.methods import build_method
-    from edgetune.models import load_hf
+    from edgetune.federated.setup import engine_options, prepare
     from edgetune.tasks import get_task, resolve_mirror
 
     params = load_params(args.params)
@@ -42,14 +39,11 @@ def main(argv=None) -> None:
     for name in registry.names():
         cfg = params.finetune.model_copy(update={
             "method": name, "num_rounds": 2, "trainable": "lora" if registry.lookup(name).zo else "auto"})
-        torch.manual_seed(cfg.seed)
-        model, tok = load_hf(path)
-        method = build_method(cfg, tok, get_task("sst2"))
-        model = method.prepare_model(model)
-        use = [ClientData(0, prompts, labels)] if method.centralized else clients
-        _, history = run_federation(method, model, use, num_rounds=2,
-                                    sample_rate=1.0 if method.centralized else cfg.sample_rate,
-                                    seed=cfg.seed)
+        use = clients
+        if cfg.spec.centralized:  # mezo: one client holding every row, every round
+            use, cfg = [ClientData(0, prompts, labels)], cfg.model_copy(update={"sample_rate": 1.0})
+        method, model = prepare(path, get_task("sst2"), cfg, len(use), cfg.sample_rate)
+        _, history = run_federation(method, model, use, **engine_options(cfg, use))
         last = history[-1]
         results[name] = {"bytes_up": last.bytes_up_per_client, "bytes_down": last.bytes_down_per_client,
                          "bytes_per_client_round": last.bytes_up_per_client + last.bytes_down_per_client}

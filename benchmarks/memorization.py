@@ -65,7 +65,7 @@ def main(argv=None) -> None:
     from edgetune.audit import measure
     from edgetune.config import AuditParams, load_params
     from edgetune.federated.engine import run_federation
-    from edgetune.federated.setup import attack_of, load_clients, prepare
+    from edgetune.federated.setup import engine_options, load_clients, prepare
     from edgetune.models import load_hf
     from edgetune.tasks import get_task
 
@@ -89,8 +89,7 @@ def main(argv=None) -> None:
             cfg = cfg.model_copy(update={"dp": cfg.dp.model_copy(update={"noise_multiplier": noise})})
             method, model = prepare(path, task, cfg, len(clients), cfg.sample_rate)
             t0 = time.perf_counter()
-            state, _ = run_federation(method, model, clients, num_rounds=cfg.num_rounds, sample_rate=1.0,
-                                      seed=cfg.seed, attack=attack_of(cfg, len(clients)))
+            state, _ = run_federation(method, model, clients, **engine_options(cfg, clients))
             minutes = (time.perf_counter() - t0) / 60
             method.apply_global(model, state)
             label = f"{name}+dp{noise:g}" if noise else name

@@ -12,12 +12,15 @@ clients. Peak-memory ratios come from benchmarks/memory.py (one fresh process pe
 
 Another task: prepare and partition it with the stage scripts into another folder and pass
 --task, --partitions and --eval (see benchmarks/README.md). --update merges into an existing
-results file instead of replacing it (re-running one method).
+results file instead of replacing it (re-running one method). Each finished case is kept in
+<name>.tmp until the results file is written: the same command run again after a crash takes the
+cases it finished from there (only those whose config, model and dev set are unchanged).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 
@@ -51,11 +54,18 @@ def main(argv=None) -> None:
         results, run_params = previous["results"], previous["params"]
     results["zero_shot"] = score.zero_shot_metrics
     print(f"zero-shot accuracy {score.zero_shot:.4f}")
+    partial = RESULTS / f"{args.name}.tmp"
+    finished, keys = finished_cases(partial)
     for name in args.methods:
         cfg = method_config(params.finetune, name, budget, overrides)
         use, rate = clients, cfg.sample_rate
         if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
+        keys[name] = case_key(cfg, path, score, args.replay_without_key)
+        if name in finished and finished[name][0] == keys[name]:
+            results[name] = finished[name][1]
+            print(f"{name}: finished by an earlier run of this command, taken from {partial}")
+            continue
         method, model = prepare(path, score.task, cfg, len(use), rate)
         t0 = time.perf_counter()
         state, history = run_federation(method, model, use, **engine_options(cfg, use))
@@ -79,13 +89,31 @@ def main(argv=None) -> None:
             results[name]["accuracy_replayed_without_key"] = score(thief, f"{name} replayed without the key")
             del thief
         print(name, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in results[name].items()})
-        # a long grid should not lose finished cells to a crash: keep them in <name>.tmp
+        # a long grid should not lose finished cases to a crash: keep them in <name>.tmp
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / f"{args.name}.tmp").write_text(json.dumps(results, indent=2, sort_keys=True))
+        partial.write_text(json.dumps({"keys": keys, "results": results}, indent=2, sort_keys=True))
     run_params.update({"model": path, "task": args.task, "eval_examples": len(score.prompts),
                        **{f"budget.{k}": v for k, v in budget.items()}})
     run_params["methods"] = ",".join(k for k in results if k != "zero_shot")
     print(save(args.name, results, run_params))
+    partial.unlink(missing_ok=True)
+
+
+def case_key(cfg, path: str, score, replay_without_key: bool) -> str:
+    """What a case's numbers depend on: its finetune config, the model, and the dev set (its
+    size and zero-shot accuracy)."""
+    raw = json.dumps({"cfg": cfg.model_dump(mode="json"), "model": str(path), "eval": len(score.prompts),
+                      "zero_shot": score.zero_shot, "replay_without_key": replay_without_key}, sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def finished_cases(partial) -> tuple[dict[str, tuple[str, dict]], dict[str, str]]:
+    """The cases an interrupted run finished ({label: (case key, results)}) and their keys."""
+    if not partial.is_file():
+        return {}, {}
+    saved = json.loads(partial.read_text())
+    keys = saved.get("keys", {})  # a .tmp from before the keys were written: nothing to reuse
+    return {name: (key, saved["results"][name]) for name, key in keys.items() if name in saved["results"]}, {}
 
 
 def eavesdropper_model(path: str, task, cfg, state, num_clients: int, rate: float):

@@ -96,7 +96,7 @@ def run_case(label, cfg, score, args, mlflow) -> list[dict]:
     from benchmarks.common import round_label_mix
     from edgetune.federated.engine import run_federation
     from edgetune.federated.resume import ResumeFolder
-    from edgetune.federated.setup import attack_of, centralize, prepare
+    from edgetune.federated.setup import centralize, engine_options, prepare
 
     use, rate = score.clients, cfg.sample_rate
     if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
@@ -136,8 +136,8 @@ def run_case(label, cfg, score, args, mlflow) -> list[dict]:
     for point in curve.points:  # what earlier runs of this case measured
         log_point(mlflow, point)
     try:
-        run_federation(method, model, use, num_rounds=cfg.num_rounds, sample_rate=rate, seed=cfg.seed,
-                       attack=attack_of(cfg, len(use)), resume=resume, on_round=on_round, on_global=on_global)
+        run_federation(method, model, use, **engine_options(cfg, use), resume=resume, on_round=on_round,
+                       on_global=on_global)
     except OutOfTime:
         pass
     return curve.points

@@ -9,9 +9,11 @@ import shutil
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from edgetune.config import FinetuneParams
 from edgetune.federated import registry, zo
+from tests.conftest import REPO
 from tests.helpers import build, make_clients
 
 
@@ -242,6 +244,79 @@ def test_methods_side_by_side_score_each_case_and_update_keeps_the_others(tiny_m
     for row in results.values():
         assert row["predicted_share_negative"] + row["predicted_share_positive"] == pytest.approx(1)
         assert 0 <= row["macro_f1"] <= 1 and 0 <= row["accuracy"] <= 1
+
+
+def test_methods_run_again_after_a_crash_takes_the_finished_cases_from_its_tmp(tiny_model_dir, sst2_prompts,
+                                                                             tmp_path, monkeypatch, capsys):
+    """benchmarks/methods.py killed in its second case: the same command again does not train
+    the first one again (its numbers come from <name>.tmp), a changed case is trained anew, and
+    the .tmp is gone once the results file is written."""
+    import benchmarks.common
+    import edgetune.federated.engine
+    from benchmarks import methods
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    parts, dev = tiny_project(tmp_path, sst2_prompts)
+    args = ["--model", str(tiny_model_dir), "--partitions", str(parts), "--eval", str(dev),
+            "--rounds", "1", "--local-steps", "1", "--name", "methods_crash", "--methods", "fedit", "job"]
+    real, trained = edgetune.federated.engine.run_federation, []
+
+    def crash_on_job(method, *a, **k):
+        trained.append(method.name)
+        if method.name == "job" and len(trained) == 2:
+            raise KeyboardInterrupt  # the first run dies in its second case
+        return real(method, *a, **k)
+
+    monkeypatch.setattr(edgetune.federated.engine, "run_federation", crash_on_job)
+    with pytest.raises(KeyboardInterrupt):
+        methods.main(args)
+    partial = tmp_path / "results" / "methods_crash.tmp"
+    fedit = json.loads(partial.read_text())["results"]["fedit"]
+    capsys.readouterr()
+    methods.main(args)
+    assert trained == ["fedit", "job", "job"]  # fedit is not trained twice
+    assert "fedit: finished by an earlier run" in capsys.readouterr().out
+    results = json.loads((tmp_path / "results" / "methods_crash.json").read_text())["results"]
+    assert results["fedit"] == fedit and set(results) == {"zero_shot", "fedit", "job"}
+    assert not partial.exists()
+    partial.write_text(json.dumps({"keys": {"fedit": "0" * 16}, "results": {"fedit": fedit}}))
+    methods.main([*args[:-1]])  # a .tmp made under another config is not taken
+    assert trained[-1] == "fedit" and len(trained) == 4
+
+
+def test_benchmarks_run_the_engine_with_every_finetune_knob(tiny_model_dir, sst2_prompts, tmp_path, monkeypatch):
+    """time_to_accuracy and comm hand the engine what the finetune stage does (setup.
+    engine_options): a --set / params.yaml dropout, min_clients or secagg is not dropped."""
+    import benchmarks.common
+    import edgetune.federated.engine
+    from benchmarks import comm, time_to_accuracy
+
+    class Seen(Exception):
+        pass
+
+    seen = []
+
+    def capture(method, model, clients, **options):
+        seen.append(options)
+        raise Seen
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(benchmarks.common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(edgetune.federated.engine, "run_federation", capture)
+    parts, dev = tiny_project(tmp_path, sst2_prompts)
+    with pytest.raises(Seen):
+        time_to_accuracy.main(["--model", str(tiny_model_dir), "--partitions", str(parts), "--eval", str(dev),
+                               "--methods", "fedkseed", "--set", "fedkseed:trainable=lora",
+                               "--set", "fedkseed:dropout=0.25", "--set", "fedkseed:min_clients=2",
+                               "--rounds", "1", "--cache", str(tmp_path / "cache"), "--name", "tta_knobs"])
+    assert seen[-1]["dropout"] == 0.25 and seen[-1]["min_clients"] == 2 and seen[-1]["num_rounds"] == 1
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["finetune"].update(dropout=0.5, min_clients=2, secagg={"enabled": True})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(Seen):
+        comm.main(["--model", str(tiny_model_dir), "--params", str(tmp_path / "params.yaml")])
+    assert seen[-1]["dropout"] == 0.5 and seen[-1]["secagg"].enabled and seen[-1]["num_rounds"] == 2
 
 
 def test_tail_average_scores_the_mean_of_a_finished_cases_last_rounds(tiny_model_dir, sst2_prompts, tmp_path,
