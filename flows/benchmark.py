@@ -12,6 +12,13 @@ starts. Cells run as Prefect tasks, `--concurrency` at a time (then with OMP_WAI
 unless set: OpenMP threads spinning while idle slow cells that share cores ~2x); a failed cell is
 reported in <out>/cells.md with its error, never dropped, and makes the flow exit 1 once the
 tables of the others are written.
+
+The cells share one DVC cache (<out>/dvc-cache), so a stage two cells run alike (same params,
+same upstream: the base model, the prepared data and partitions, the calibration set, the
+zero-shot scores) runs once; the other cells take it from DVC's run-cache and log it as a
+cached stage. Cells running at once wait for each other on such a stage (flows/pipeline.py:
+stage locks). Without --keep-models, a finished cell's own outputs (fine-tuned and compressed
+models) leave the shared cache, and what cells share stays there for the next run of the grid.
 """
 
 from __future__ import annotations
@@ -86,8 +93,9 @@ def load_grid(path: Path) -> tuple[Grid, dict[str, dict]]:
     return grid, cells
 
 
-def make_workspace(folder: Path, params: dict) -> None:
-    """A copy of the pipeline code with the cell's params.yaml and its own DVC repo."""
+def make_workspace(folder: Path, params: dict, cache: Path) -> None:
+    """A copy of the pipeline code with the cell's params.yaml and its own DVC repo, whose
+    cache is the grid's shared one."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in CODE:
         shutil.copytree(REPO / name, folder / name, dirs_exist_ok=True,
@@ -96,13 +104,63 @@ def make_workspace(folder: Path, params: dict) -> None:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     if not (folder / ".dvc").is_dir():
         subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=folder, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "cache", "dir", str(cache)], cwd=folder, check=True)
 
 
-def run_cell(folder: Path, tags: dict[str, str], tracking_uri: str, keep_models: bool, prefect_api: str) -> dict:
+def shared_stages(cells: dict[str, dict]) -> dict[str, list[str]]:
+    """Cell -> its stages that some other cell runs with the same signature (the same params
+    and upstream), which the grid computes once."""
+    from collections import Counter
+
+    from edgetune.config import parse_params
+    from flows.pipeline import stage_signatures
+
+    signatures = {label: stage_signatures(parse_params(params, label), str(REPO / "dvc.yaml"))
+                  for label, params in cells.items()}
+    counts = Counter(pair for sigs in signatures.values() for pair in sigs.items())
+    return {label: [stage for stage, sig in sigs.items() if counts[stage, sig] > 1]
+            for label, sigs in signatures.items()}
+
+
+def cache_objects(lock_file: Path, stages, cache: Path) -> set[Path]:
+    """The files of a DVC cache that the outputs of `stages` in a dvc.lock point to (for a
+    folder: its manifest and every file it lists)."""
+    def path(md5: str) -> Path:
+        return cache / "files" / "md5" / md5[:2] / md5[2:]
+
+    if not lock_file.is_file():
+        return set()
+    locked = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
+    found = set()
+    for stage in stages:
+        for out in locked.get(stage, {}).get("outs", []):
+            found.add(path(out["md5"]))
+            if out["md5"].endswith(".dir") and path(out["md5"]).is_file():
+                found |= {path(entry["md5"]) for entry in json.loads(path(out["md5"]).read_text())}
+    return found
+
+
+def prune_cell(folder: Path, cache: Path, shared: dict[str, list[str]]) -> None:
+    """Drop a finished cell's own outputs from the shared cache (its fine-tuned and compressed
+    models), keeping every object a shared stage of any cell points to. A run-cache entry left
+    pointing at a dropped object is not restored: DVC runs that stage again."""
+    from flows.pipeline import dag_order
+
+    label = folder.name
+    keep = set().union(*(cache_objects(folder.parent / other / "dvc.lock", stages, cache)
+                         for other, stages in shared.items()))
+    own = set(dag_order(str(REPO / "dvc.yaml"))) - set(shared.get(label, []))
+    for path in cache_objects(folder / "dvc.lock", own, cache) - keep:
+        path.unlink(missing_ok=True)
+
+
+def run_cell(folder: Path, tags: dict[str, str], tracking_uri: str, keep_models: bool, prefect_api: str,
+             cache: Path, shared: dict[str, list[str]]) -> dict:
     """Run the pipeline flow in the cell's workspace, on the grid's Prefect server (its flow run
     beside the grid's; no temporary server per cell); returns status, seconds, error tail."""
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "EDGETUNE_RUN_TAGS": json.dumps(tags),
            "EDGETUNE_RUN_NAME": folder.name, "PREFECT_API_URL": prefect_api,
+           "EDGETUNE_STAGE_LOCKS": str(cache.with_name("stage-locks")),
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     start = time.perf_counter()
     with open(folder / "pipeline.log", "w") as log:
@@ -110,8 +168,8 @@ def run_cell(folder: Path, tags: dict[str, str], tracking_uri: str, keep_models:
                               stdout=log, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - start
     if not keep_models:  # the runs keep the numbers; the model folders are GBs per cell
-        for heavy in ("models", ".dvc/cache"):
-            shutil.rmtree(folder / heavy, ignore_errors=True)
+        shutil.rmtree(folder / "models", ignore_errors=True)
+        prune_cell(folder, cache, shared)
     if proc.returncode:
         return {"status": "FAILED", "seconds": seconds, "error": first_error(folder / "pipeline.log")}
     return {"status": "FINISHED", "seconds": seconds, "error": ""}
@@ -148,8 +206,8 @@ def build_flow(concurrency: int):
 
     @task(task_run_name="{label}")
     def cell_task(label: str, folder: Path, tags: dict, tracking_uri: str, keep_models: bool,
-                  prefect_api: str) -> dict:
-        return run_cell(folder, tags, tracking_uri, keep_models, prefect_api)
+                  prefect_api: str, cache: Path, shared: dict) -> dict:
+        return run_cell(folder, tags, tracking_uri, keep_models, prefect_api, cache, shared)
 
     @flow(name="edgetune-benchmark", task_runner=ThreadPoolTaskRunner(max_workers=concurrency))
     def benchmark(grid_file: Path, out: Path, keep_models: bool) -> dict:
@@ -166,12 +224,13 @@ def build_flow(concurrency: int):
             os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # (two 2-thread runs on 2 cores: 63 -> 28 s)
         with get_client(sync_client=True) as client:  # PREFECT_API_URL's server, or this flow's temporary one
             prefect_api = str(client.api_url).rstrip("/")
-        futures = {}
+        futures, cache, shared = {}, out / "dvc-cache", shared_stages(cells)
         for label, params in cells.items():
             folder = out / "cells" / label
-            make_workspace(folder, params)
+            make_workspace(folder, params, cache)
             tags = {"edgetune.grid": grid.name, "edgetune.cell": label.rsplit("-", 1)[0]}
-            futures[label] = cell_task.submit(label, folder, tags, tracking_uri, keep_models, prefect_api)
+            futures[label] = cell_task.submit(label, folder, tags, tracking_uri, keep_models, prefect_api,
+                                              cache, shared)
         outcomes = {label: f.result() for label, f in futures.items()}
         files = write_report(grid, out, tracking_uri, outcomes)
         with mlflow.start_run(run_name=f"grid {grid.name}",

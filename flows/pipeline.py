@@ -11,11 +11,18 @@ each stage logs its child run under it (EDGETUNE_PARENT_RUN_ID). The parent run 
 what sets it apart (edgetune/tracking.py: parent_run_name) and lists the datasets and models.
 
 Without PREFECT_API_URL, Prefect starts a temporary local server for the run.
+
+Several pipelines sharing one DVC cache (the cells of flows/benchmark.py) set
+EDGETUNE_STAGE_LOCKS to a folder: a stage then runs under a file lock named by its signature (its
+params and its upstream stages' signatures), so when two pipelines reach the same stage with the
+same inputs, one runs it and the other waits and takes it from DVC's run-cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import subprocess
@@ -29,6 +36,7 @@ from edgetune.cli import run_main
 from edgetune.config import flatten, load_params
 
 EXTRA_TAGS_ENV = "EDGETUNE_RUN_TAGS"  # JSON object of extra parent-run tags (flows/benchmark.py)
+STAGE_LOCKS_ENV = "EDGETUNE_STAGE_LOCKS"  # folder of per-signature stage locks (flows/benchmark.py)
 TRANSIENT_MARKERS = ("Unable to acquire lock", "database is locked", "Connection refused")
 
 
@@ -38,9 +46,8 @@ class StageFailed(RuntimeError):
         super().__init__(f"stage {stage!r} failed (exit {returncode}):\n{tail}")
 
 
-def dag_order(dvc_file: str = "dvc.yaml") -> list[str]:
-    """Stages sorted so each comes after the stages whose outputs it depends on
-    (ties keep dvc.yaml's order)."""
+def upstream(dvc_file: str = "dvc.yaml") -> dict[str, list[str]]:
+    """Each stage -> the stages whose outputs it depends on (dvc.yaml's order)."""
     stages = yaml.safe_load(Path(dvc_file).read_text())["stages"]
 
     def paths(entries):
@@ -53,13 +60,42 @@ def dag_order(dvc_file: str = "dvc.yaml") -> list[str]:
         return any(dep == o or dep.startswith(o.rstrip("/") + "/")
                    for dep in paths(stages[b].get("deps")) for o in outs[a])
 
+    return {b: [a for a in stages if a != b and feeds(a, b)] for b in stages}
+
+
+def dag_order(dvc_file: str = "dvc.yaml") -> list[str]:
+    """Stages sorted so each comes after the stages whose outputs it depends on
+    (ties keep dvc.yaml's order)."""
+    feeders = upstream(dvc_file)
     order: list[str] = []
-    pending = list(stages)
+    pending = list(feeders)
     while pending:
-        ready = next(s for s in pending if not any(feeds(o, s) for o in pending if o != s))
+        ready = next(s for s in pending if not any(f in pending for f in feeders[s]))
         order.append(ready)
         pending.remove(ready)
     return order
+
+
+def stage_signatures(params, dvc_file: str = "dvc.yaml") -> dict[str, str]:
+    """Each stage -> a hash of the params it reads and of its upstream stages' signatures: two
+    copies of the pipeline code whose stage has the same signature give it the same inputs."""
+    feeders, signatures = upstream(dvc_file), {}
+    for stage in dag_order(dvc_file):
+        raw = json.dumps({"stage": stage, "params": section_params(params, stage, dvc_file),
+                          "upstream": [signatures[f] for f in feeders[stage]]}, sort_keys=True, default=str)
+        signatures[stage] = hashlib.sha256(raw.encode()).hexdigest()[:16]
+    return signatures
+
+
+def stage_lock(stage: str, signature: str):
+    """The file lock of a stage's signature under EDGETUNE_STAGE_LOCKS; no lock without it."""
+    folder = os.environ.get(STAGE_LOCKS_ENV)
+    if not folder:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    return FileLock(Path(folder) / f"{stage}-{signature}.lock")
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -95,8 +131,9 @@ def build_flow():
 
     @task(retries=1, retry_delay_seconds=3, retry_condition_fn=_is_transient,
           task_run_name="{stage}")
-    def run_stage(stage: str, force: bool = False):
-        output = _run_dvc(stage, force)
+    def run_stage(stage: str, force: bool = False, signature: str = ""):
+        with stage_lock(stage, signature):  # another pipeline running it: wait, then take its outputs
+            output = _run_dvc(stage, force)
         if "didn't change, skipping" in output or "is cached - skipping run" in output:
             get_run_logger().info("%s: unchanged, taken from the DVC cache", stage)
             return Completed(name="Cached", message=f"{stage} unchanged")
@@ -113,9 +150,10 @@ def build_flow():
         }) as parent:
             mlflow.log_params(flatten(params))
             os.environ[tracking.PARENT_ENV] = parent.info.run_id
+            signatures = stage_signatures(params)
             try:
                 for stage in dag_order():
-                    state = run_stage(stage, force, return_state=True)
+                    state = run_stage(stage, force, signatures[stage], return_state=True)
                     state.result()  # re-raises the stage's error: the flow fails here
                     outcomes[stage] = "cached" if state.name == "Cached" else "ran"
                     if outcomes[stage] == "cached":

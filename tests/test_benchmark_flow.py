@@ -78,6 +78,36 @@ def test_every_run_is_in_one_experiment_and_none_is_left_running(grid_run):
     assert {"table1.md", "table2.md", "cells.md", "loss_curves.png"} <= {a.path for a in client.list_artifacts(grid.info.run_id)}
 
 
+def test_stages_the_cells_share_run_once_and_their_own_models_leave_the_cache(grid_run):
+    """fedit and job read the same model, data, partitions, calibration set and zero-shot
+    scores: one cell runs each of those stages, the other takes it from the shared DVC cache
+    (a cached child run); fine-tuning on runs in both. A finished cell's fine-tuned model leaves
+    the shared cache, the base model stays for the next run of the grid."""
+    import mlflow
+
+    out, _ = grid_run
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("grid-tiny").experiment_id])
+    parents = {r.data.tags["edgetune.cell"]: r.info.run_id for r in runs if r.data.tags.get("edgetune.stage") == "pipeline"}
+
+    def cached(cell: str, stage: str) -> str:
+        child, = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[cell]
+                  and r.data.tags["edgetune.stage"] == stage]
+        return child.data.tags["edgetune.cached"]
+
+    for stage in ("model", "prepare", "partition", "calibrate", "zeroshot"):
+        assert sorted(cached(cell, stage) for cell in ("fedit", "job")) == ["false", "true"], stage
+    for stage in ("finetune", "compress", "evaluate"):
+        assert [cached(cell, stage) for cell in ("fedit", "job")] == ["false", "false"], stage
+    lock = yaml.safe_load((out / "cells" / "job-sst2" / "dvc.lock").read_text())["stages"]
+
+    def in_cache(stage: str) -> bool:
+        md5 = lock[stage]["outs"][0]["md5"]
+        return (out / "dvc-cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
+
+    assert in_cache("model") and in_cache("partition") and not in_cache("finetune")
+
+
 def test_a_bad_grid_fails_before_any_cell_starts(tmp_path):
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump({
         "name": "bad", "experiment": "x", "tasks": ["sst2"],
