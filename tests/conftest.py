@@ -82,6 +82,7 @@ SLOW = (
     "tests/test_distill.py::test_off_policy_gkd_halves_depth_reloads_and_approaches_the_teacher",
     "tests/test_gpu_check.py::test_gpu_check_dry_run_writes_every_section",
     "tests/test_audit.py::test_exposure_and_membership_auc_rise_when_a_model_memorizes",
+    "tests/test_flower.py::test_a_supernode_restarted_mid_run_rejoins_with_new_secagg_keys",
 )
 
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -107,6 +109,49 @@ def test_fedit_with_secure_aggregation_on_the_deployment_engine_matches_the_loca
     assert recovered, "the seed drops no client from a round that still aggregates; pick another"
     assert all(h.extra["bytes_secagg_recovery"] == l.extra["bytes_secagg_recovery"] > 0
                for h, l in zip(flower, local) if h in recovered)
+
+
+def test_a_supernode_restarted_mid_run_rejoins_with_new_secagg_keys(tiny_model_dir, partitions, tmp_path):
+    """FedIT under secagg on the Deployment Engine; the SuperNode of clients 2 and 3 is killed
+    after round 1 and started again (a phone rebooting): it comes back under a new node id with
+    no keys and no state. Round 2 goes on without its clients (the others reveal their seeds
+    with them); before round 3 the server says hello to the new node, takes its new public keys
+    into the roster, and all four clients are aggregated again."""
+    import psutil
+
+    from tests.test_resume import start
+
+    raw = {**finetune_params("fedit", rounds=3), "sample_rate": 1.0, "dropout": 0.0, "min_clients": 2,
+           "secagg": {"enabled": True}, "flower": {"nodes": 2, "round_timeout": 60}}
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "params.yaml").write_text(yaml.safe_dump({
+        "partition": {"num_clients": NUM_CLIENTS}, "tracking": {"experiment": "resume"},
+        "finetune": {**raw, "backend": "flower"}}))
+    proc = start((tmp_path, tiny_model_dir, partitions), folder)
+    while not list((folder / "out.resume").glob("round-*.pt")):  # round 1 is saved
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        time.sleep(0.05)
+    def command(p) -> str:
+        try:
+            return " ".join(p.cmdline())
+        except psutil.Error:  # a ClientApp that just exited
+            return ""
+
+    node, = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "flower-supernode" in command(p) and '"2,3"' in command(p)]
+    cmd, env, cwd = node.cmdline(), node.environ(), node.cwd()
+    os.killpg(node.pid, signal.SIGKILL)
+    restarted = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _, err = proc.communicate(timeout=600)
+    finally:
+        os.killpg(restarted.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    rounds = json.loads((folder / "out.flower" / "history.json").read_text())["history"]
+    assert [sorted(r["clients"]) for r in rounds] == [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3]]
+    assert rounds[1]["extra"]["bytes_secagg_recovery"] > 0
 
 
 def test_loopback_processes_allow_late_heartbeats():

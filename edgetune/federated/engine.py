@@ -181,8 +181,9 @@ def client_failed(attempt: Attempt, round_: int, cid: int, error: str) -> None:
 class LocalClients:
     """The clients of a simulated federation, all in this process: every client's data here,
     one model object shared by all (a method leaves it as it found it). The engine sees any
-    pool of clients only through `len()` and `run()`; flower/transport.py's FlowerClients is
-    the same interface over Flower SuperNodes."""
+    pool of clients only through `len()`, `refresh()` and `run()` (and secagg's `secagg_roster()`
+    and `reveal()`); flower/transport.py's FlowerClients is the same interface over Flower
+    SuperNodes."""
 
     def __init__(self, method, model, data: list[ClientData], seed: int, attack=None, secagg=None):
         self.method, self.model, self.data, self.seed, self.attack = method, model, data, seed, attack
@@ -191,6 +192,9 @@ class LocalClients:
 
     def __len__(self) -> int:
         return len(self.data)
+
+    def refresh(self) -> None:
+        """Before each round: nothing changes in a local pool (Flower's: nodes that restarted)."""
 
     def run(self, sampled: list[int], down: bytes, round_: int, dropouts: set[int],
             personal: dict[int, bytes] | None = None) -> Attempt:
@@ -352,6 +356,7 @@ def run_federation(method, model, clients, *, num_rounds: int,
         t0 = time.perf_counter()
         tries: list[Attempt] = []
         for attempt in range(round_retries + 1):
+            clients.refresh()  # Flower: SuperNodes that (re)connected say hello; local: nothing
             round_rng = round_generator(seed, rnd, attempt)
             # 1) sample this round's clients (a retry samples afresh from the round's own RNG)
             sampled = sample_clients(round_rng if attempt else rng, len(clients), sample_rate)

@@ -34,7 +34,7 @@ from edgetune.config import BadInput, FinetuneParams
 from edgetune.devices import peak_rss_mb
 from edgetune.federated.engine import client_reply
 from edgetune.federated.flower.records import from_records, put, take, to_records, versions
-from edgetune.federated.flower.transport import HISTORY, JOB, NODE, PERSONAL
+from edgetune.federated.flower.transport import HISTORY, JOB, KEYS_LOST, NODE, PERSONAL
 
 app = ClientApp()
 KEPT = "broadcast"  # context.state: broadcast/<round>/{tensors,meta}, every broadcast this node saw
@@ -141,8 +141,8 @@ def client_key(context: Context, client_id: int):
 
     kept = context.state[SECAGG] if SECAGG in context.state else {}
     if str(client_id) not in kept:
-        raise RuntimeError(f"secure aggregation: this node holds no key for client {client_id} "
-                           "(restarted since the server's hello?); the server drops it from the round")
+        raise RuntimeError(f"secure aggregation: this node {KEYS_LOST} for client {client_id} (restarted "
+                           "since the server's hello); the server drops it and says hello again next round")
     return X25519PrivateKey.from_private_bytes(bytes(kept[str(client_id)]))
 
 

@@ -22,6 +22,13 @@ owns when the server says hello, keeps the private keys in its context state and
 the public keys and sample counts (the roster). Its ClientApp masks each reply; when a sampled
 client sent nothing, the server asks the replying clients' nodes for their pair seeds with it
 (a `query.secagg` message each).
+
+SuperNodes restart (a phone reboots): before every round the server says hello to the nodes
+that connected since its last hello, since a SuperNode without an auth key comes back under a
+new node id, and again to a node whose ClientApp lost its secagg keys (back under the same id).
+The clients such a node owns move to it, with its new keys in the roster, and it gets every
+broadcast it missed. Until then their messages go unanswered and the clients are dropped, as
+any client that does not reply.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from edgetune.federated.protocol import Message, from_bytes, to_bytes
 JOB, NODE = "job", "node"
 HELLO, TRAIN, REVEAL = "query.clients", "train", "query.secagg"
 HISTORY = "history"  # catch-up records in a train message
+KEYS_LOST = "holds no secure-aggregation key"  # a ClientApp's error when its node restarted since the hello
 PERSONAL = "personal"  # the client's own records in a train message (method.personal)
 POLL_S = 0.2
 
@@ -60,6 +68,8 @@ class FlowerClients:
         self.synced: dict[int, int] = {}  # node id -> last version it confirmed
         self.secagg = job.params.secagg.enabled
         self.roster: dict[int, tuple[bytes, int]] = {}  # secagg: client id -> (public key, samples)
+        self.asked: set[int] = set()  # nodes said hello to
+        self.lost_keys: set[int] = set()  # nodes whose ClientApps had no secagg key: hello again
         self.node_of = self.discover()
 
     # ----------------------------------------------------------------- setup
@@ -68,13 +78,13 @@ class FlowerClients:
         until every client 0..num_clients-1 is owned by a node."""
         deadline = time.monotonic() + self.job.connect_timeout
         owner: dict[int, int] = {}
-        asked: set[int] = set()
+        asked = self.asked
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in asked]
             if new:
-                msgs = [FlowerMessage(to_records(Message(), **{JOB: self.hello()}), dst_node_id=n,
-                                      message_type=HELLO) for n in new]
-                for node, reply in zip(new, self.exchange(msgs, timeout=max(1.0, deadline - time.monotonic()))[0]):
+                replies = self.exchange([self.hello_message(n) for n in new],
+                                        timeout=max(1.0, deadline - time.monotonic()))[0]
+                for node, reply in zip(new, replies):
                     if reply is None:
                         continue
                     asked.add(node)
@@ -97,10 +107,31 @@ class FlowerClients:
                                "start SuperNodes whose node config covers them")
             time.sleep(1.0)
 
-    def hello(self) -> ConfigRecord:
-        """The hello's question: which clients a node owns (and, for secagg, their keys)."""
+    def hello_message(self, node: int) -> FlowerMessage:
+        """The hello's question to `node`: which clients it owns (and, for secagg, their keys)."""
         sim = {k: v for k, v in self.job.extra.items() if k.startswith("sim_")}  # a virtual node's folders
-        return ConfigRecord({"ask": "clients", "secagg": self.secagg, **sim})
+        return FlowerMessage(to_records(Message(), **{JOB: ConfigRecord({"ask": "clients", "secagg": self.secagg,
+                                                                           **sim})}),
+                             dst_node_id=node, message_type=HELLO)
+
+    def refresh(self) -> None:
+        """Before a round: hello to the nodes that connected since the last one, and again to
+        those that lost their secagg keys; the clients they own move to them (with new keys,
+        and every broadcast they missed). A node that does not answer within round_timeout is
+        not asked again (a restart brings it back under a new id)."""
+        due = [n for n in self.grid.get_node_ids() if n not in self.asked or n in self.lost_keys]
+        if not due:
+            return
+        replies = self.exchange([self.hello_message(n) for n in due], timeout=self.job.round_timeout)[0]
+        for node, reply in zip(due, replies):
+            self.asked.add(node)
+            self.lost_keys.discard(node)
+            if reply is None or reply.has_error():
+                continue
+            for cid in json.loads(reply.content[NODE]["clients"]):
+                self.node_of[cid] = node
+            self.synced.pop(node, None)  # a restarted node kept no broadcast
+            self.register(reply.content[NODE])
 
     def register(self, answer: ConfigRecord) -> None:
         """Keep the public keys and sample counts a node registered for secagg."""
@@ -178,6 +209,8 @@ class FlowerClients:
                                                     f"= {self.job.round_timeout:.0f} s")
             elif reply.has_error():
                 self.synced.pop(self.node_of[cid], None)  # e.g. its node lost its state: resend all
+                if KEYS_LOST in reply.error.reason:
+                    self.lost_keys.add(self.node_of[cid])
                 client_failed(attempt, round_, cid, f"ClientApp error: {reply.error.reason}")
             else:
                 node_info = reply.content[NODE]  # beside the reply, not part of what is metered
