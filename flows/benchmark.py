@@ -133,10 +133,12 @@ def cache_objects(lock_file: Path, stages, cache: Path) -> set[Path]:
     locked = (yaml.safe_load(lock_file.read_text()) or {}).get("stages", {})
     found = set()
     for stage in stages:
-        for out in locked.get(stage, {}).get("outs", []):
-            found.add(path(out["md5"]))
-            if out["md5"].endswith(".dir") and path(out["md5"]).is_file():
-                found |= {path(entry["md5"]) for entry in json.loads(path(out["md5"]).read_text())}
+        for md5 in (out.get("md5") for out in locked.get(stage, {}).get("outs", [])):
+            if not md5:
+                continue
+            found.add(path(md5))
+            if md5.endswith(".dir") and path(md5).is_file():
+                found |= {path(entry["md5"]) for entry in json.loads(path(md5).read_text())}
     return found
 
 
