@@ -161,3 +161,51 @@ def test_secure_aggregation_is_refused_where_the_server_needs_each_reply(update,
     monkeypatch.setenv("KEY", "5e" * 32)  # a federation key for zo.secret
     with pytest.raises(ValueError, match="finetune.secagg: .*" + message.replace("(", r"\(").replace(")", r"\)")):
         FinetuneParams(**{"min_clients": 2, **update, "secagg": {"enabled": True}})
+
+
+def test_a_flower_node_that_lost_its_keys_is_asked_again_and_its_clients_move():
+    """FlowerClients' bookkeeping (transport.py), Flower's I/O faked: a ClientApp answering that
+    its node holds no secagg key marks the node; before the next round the server says hello
+    again to it and to a node that connected since; the clients each now owns move to it with
+    its new public key in the roster, and it will get every broadcast it missed. (The Deployment
+    Engine run of a killed and restarted SuperNode: tests/test_flower.py.)"""
+    import json
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord
+
+    from edgetune.federated.engine import Attempt
+    from edgetune.federated.flower import transport
+
+    def answer(clients: list[int], key: bytes):
+        content = {transport.NODE: ConfigRecord({"clients": json.dumps(clients), "secagg_keys": [key] * len(clients),
+                                                 "secagg_samples": [24] * len(clients)})}
+        return SimpleNamespace(has_error=lambda: False, content=content)
+
+    pool = object.__new__(transport.FlowerClients)  # no SuperLink: its fields, as discover() leaves them
+    pool.secagg, pool.replays, pool.synced, pool.broadcasts = True, True, {10: 1, 20: 1}, {}
+    pool.job = SimpleNamespace(round_timeout=5.0, num_clients=4, extra={})
+    pool.asked, pool.lost_keys = {10, 20}, set()
+    pool.node_of = {0: 10, 1: 10, 2: 20, 3: 20}
+    pool.roster = {c: (b"old", 24) for c in range(4)}
+    lost = SimpleNamespace(has_error=lambda: True, error=SimpleNamespace(
+        reason=f"RuntimeError: secure aggregation: this node {transport.KEYS_LOST} for client 2"))
+    attempt = pool.collect(Attempt([2], 0, 0), [lost], 2, set())
+    assert attempt.dropped == [2] and pool.lost_keys == {20} and 20 not in pool.synced
+
+    asked = []
+    pool.grid = SimpleNamespace(get_node_ids=lambda: [10, 20, 30])  # 30: a node that connected since
+
+    def exchange(msgs, timeout):
+        asked.extend(m.metadata.dst_node_id for m in msgs)
+        return [{20: answer([2], b"new20"), 30: answer([3], b"new30")}[m.metadata.dst_node_id] for m in msgs], []
+
+    pool.exchange, pool.hello_message = exchange, lambda node: SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node))
+    pool.refresh()
+    assert sorted(asked) == [20, 30] and pool.lost_keys == set() and pool.asked == {10, 20, 30}
+    assert pool.node_of == {0: 10, 1: 10, 2: 20, 3: 30}
+    assert pool.secagg_roster() == {0: (b"old", 24), 1: (b"old", 24), 2: (b"new20", 24), 3: (b"new30", 24)}
+    assert pool.synced == {10: 1}  # 20 and 30 get every broadcast they missed
+    asked.clear()
+    pool.refresh()  # nothing new: no hello
+    assert asked == []
