@@ -112,16 +112,17 @@ def test_fedit_with_secure_aggregation_on_the_deployment_engine_matches_the_loca
 
 
 def test_a_supernode_restarted_mid_run_rejoins_with_new_secagg_keys(tiny_model_dir, partitions, tmp_path):
-    """FedIT under secagg on the Deployment Engine; the SuperNode of clients 2 and 3 is killed
+    """FedKSeed under secagg on the Deployment Engine; the SuperNode of clients 2 and 3 is killed
     after round 1 and started again (a phone rebooting): it comes back under a new node id with
     no keys and no state. Round 2 goes on without its clients (the others reveal their seeds
     with them); before round 3 the server says hello to the new node, takes its new public keys
-    into the roster, and all four clients are aggregated again."""
+    into the roster and sends it the broadcasts it missed, and all four clients are aggregated
+    again."""
     import psutil
 
     from tests.test_resume import start
 
-    raw = {**finetune_params("fedit", rounds=3), "sample_rate": 1.0, "dropout": 0.0, "min_clients": 2,
+    raw = {**finetune_params("fedkseed", rounds=3), "sample_rate": 1.0, "min_clients": 2,
            "secagg": {"enabled": True}, "flower": {"nodes": 2, "round_timeout": 60}}
     folder = tmp_path / "run"
     folder.mkdir()
@@ -152,6 +153,7 @@ def test_a_supernode_restarted_mid_run_rejoins_with_new_secagg_keys(tiny_model_d
     rounds = json.loads((folder / "out.flower" / "history.json").read_text())["history"]
     assert [sorted(r["clients"]) for r in rounds] == [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3]]
     assert rounds[1]["extra"]["bytes_secagg_recovery"] > 0
+    assert rounds[2]["extra"]["bytes_catchup"] > 0  # the new node replayed rounds 1 and 2 first
 
 
 def test_loopback_processes_allow_late_heartbeats():
