@@ -14,13 +14,12 @@ Another task: prepare and partition it with the stage scripts into another folde
 --task, --partitions and --eval (see benchmarks/README.md). --update merges into an existing
 results file instead of replacing it (re-running one method). Each finished case is kept in
 <name>.tmp until the results file is written: the same command run again after a crash takes the
-cases it finished from there (only those whose config, model and dev set are unchanged).
+cases it finished from there (only those whose config, model, partitions and dev set are unchanged).
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import time
 
@@ -61,7 +60,7 @@ def main(argv=None) -> None:
         use, rate = clients, cfg.sample_rate
         if cfg.spec.centralized:  # mezo: the federation's step budget on pooled data
             use, rate, cfg = centralize(clients, cfg)
-        keys[name] = case_key(cfg, path, score, args.replay_without_key)
+        keys[name] = case_key(cfg, args, score)
         if name in finished and finished[name][0] == keys[name]:
             results[name] = finished[name][1]
             print(f"{name}: finished by an earlier run of this command, taken from {partial}")
@@ -99,12 +98,16 @@ def main(argv=None) -> None:
     partial.unlink(missing_ok=True)
 
 
-def case_key(cfg, path: str, score, replay_without_key: bool) -> str:
-    """What a case's numbers depend on: its finetune config, the model, and the dev set (its
-    size and zero-shot accuracy)."""
-    raw = json.dumps({"cfg": cfg.model_dump(mode="json"), "model": str(path), "eval": len(score.prompts),
-                      "zero_shot": score.zero_shot, "replay_without_key": replay_without_key}, sort_keys=True)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+def case_key(cfg, args, score) -> str:
+    """What a case's numbers depend on: its finetune config, the model, the partition files
+    (path, size, mtime) and the dev set (its size and zero-shot accuracy)."""
+    from pathlib import Path
+
+    from edgetune.federated.resume import fingerprint
+
+    return fingerprint({"cfg": cfg.model_dump(mode="json"), "model": score.path, "eval": len(score.prompts),
+                        "zero_shot": score.zero_shot, "replay_without_key": args.replay_without_key},
+                       [Path(args.partitions)])[:16]
 
 
 def finished_cases(partial) -> tuple[dict[str, tuple[str, dict]], dict[str, str]]:
