@@ -101,11 +101,12 @@ def test_stages_the_cells_share_run_once_and_their_own_models_leave_the_cache(gr
         assert [cached(cell, stage) for cell in ("fedit", "job")] == ["false", "false"], stage
     lock = yaml.safe_load((out / "cells" / "job-sst2" / "dvc.lock").read_text())["stages"]
 
-    def in_cache(stage: str) -> bool:
-        md5 = lock[stage]["outs"][0]["md5"]
+    def in_cache(stage: str, path: str) -> bool:
+        md5, = [o["md5"] for o in lock[stage]["outs"] if o["path"] == path]
         return (out / "dvc-cache" / "files" / "md5" / md5[:2] / md5[2:]).is_file()
 
-    assert in_cache("model") and in_cache("partition") and not in_cache("finetune")
+    assert in_cache("model", "models/base") and in_cache("partition", "data/partitions")
+    assert not in_cache("finetune", "models/finetuned")
 
 
 def test_a_bad_grid_fails_before_any_cell_starts(tmp_path):
