@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     results["zero_shot"] = score.zero_shot_metrics
     print(f"zero-shot accuracy {score.zero_shot:.4f}")
     partial = RESULTS / f"{args.name}.tmp"
-    finished, keys = finished_cases(partial)
+    finished, keys = finished_cases(partial), {}
     for name in args.methods:
         cfg = method_config(params.finetune, name, budget, overrides)
         use, rate = clients, cfg.sample_rate
@@ -110,13 +110,13 @@ def case_key(cfg, args, score) -> str:
                        [Path(args.partitions)])[:16]
 
 
-def finished_cases(partial) -> tuple[dict[str, tuple[str, dict]], dict[str, str]]:
-    """The cases an interrupted run finished ({label: (case key, results)}) and their keys."""
+def finished_cases(partial) -> dict[str, tuple[str, dict]]:
+    """The cases an interrupted run finished: {label: (case key, results)}."""
     if not partial.is_file():
-        return {}, {}
+        return {}
     saved = json.loads(partial.read_text())
     keys = saved.get("keys", {})  # a .tmp from before the keys were written: nothing to reuse
-    return {name: (key, saved["results"][name]) for name, key in keys.items() if name in saved["results"]}, {}
+    return {name: (key, saved["results"][name]) for name, key in keys.items() if name in saved["results"]}
 
 
 def eavesdropper_model(path: str, task, cfg, state, num_clients: int, rate: float):

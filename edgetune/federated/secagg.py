@@ -211,10 +211,10 @@ class SecureAggregation:
 
     def __init__(self, method, clients):
         self.method, self.clients = method, clients
-        self.roster: dict[int, tuple[bytes, int]] = clients.secagg_roster()
+        self.roster: dict[int, tuple[bytes, int]] = {}  # the attempt's, read when it is announced
 
     def announce(self, sent: Message, sampled: list[int], round_: int, attempt: int) -> None:
-        self.roster = self.clients.secagg_roster()  # this attempt's: a restarted node registers new keys
+        self.roster = self.clients.secagg_roster()  # a restarted Flower node registers new keys
         announce(sent, sampled, self.roster, round_, attempt)
 
     def reply_problem(self, reply: Message, client_id: int, sent: Message) -> str | None:
